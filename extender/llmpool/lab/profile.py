@@ -1,0 +1,163 @@
+"""Hardware/model step-cost profiles (data files) and the step-time arithmetic.
+
+The cost of one vLLM engine step that schedules ``n_tok`` tokens for ``n_seq``
+sequences is (model-server notes, section 4)::
+
+    T = overhead + max(c0, c1 + c2 * n_tok)
+        + f_batch * (a_dec * sum(decode context tokens) + a_pre * prefill (query, key) pairs)
+
+where ``f_batch = 1 + attention_batching_overhead`` when more than one sequence is
+batched. All times inside the lab are integer picoseconds: the per-step terms are
+rounded once, so a decode-only stretch of ``k`` steps has an exact closed-form
+duration and fast-forwarded and stepwise simulation agree to the picosecond.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PS_PER_S = 1_000_000_000_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LinearCost(_Strict):
+    c0_ms: float = Field(ge=0)
+    c1_ms: float = Field(ge=0)
+    c2_us_per_token: float = Field(ge=0)
+
+
+class StepCost(_Strict):
+    overhead_ms: float = Field(default=0.0, ge=0)
+    linear: LinearCost
+    decode_attention_ns_per_context_token: float = Field(default=0.0, ge=0)
+    prefill_attention_ns_per_pair: float = Field(default=0.0, ge=0)
+    attention_batching_overhead: float = Field(default=0.0, ge=0)
+    moe_overhead_ns_per_token: float = Field(default=0.0, ge=0)
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings that shape scheduling (names as vLLM's CLI flags)."""
+
+    block_size: int = Field(default=16, ge=1)
+    num_gpu_blocks: int = Field(default=25000, ge=2)
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int = Field(default=0, ge=0)
+
+    def with_overrides(self, **kw: Any) -> EngineConfig:
+        return EngineConfig.model_validate({**self.model_dump(), **kw})
+
+
+class Provenance(_Strict):
+    source: str
+    method: str = ""
+    date: str = ""
+
+
+class Profile(_Strict):
+    """A step-cost profile: what hardware runs which model, and what a step costs."""
+
+    name: str
+    description: str = ""
+    hardware: str = ""
+    model: str = ""
+    provenance: Provenance
+    step: StepCost
+    engine: EngineConfig = EngineConfig()
+
+
+class ProfileError(ValueError):
+    """A profile name or file is invalid; ``str()`` is one line."""
+
+
+def builtin_profiles() -> list[str]:
+    root = resources.files("llmpool.lab") / "profiles"
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+@lru_cache(maxsize=32)
+def load_profile(name_or_path: str) -> Profile:
+    """Load a built-in profile by name, or a profile YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ProfileError(f"{name_or_path}: no such profile file")
+        text = path.read_text(encoding="utf-8")
+        where = str(path)
+    else:
+        names = builtin_profiles()
+        if name_or_path not in names:
+            raise ProfileError(f"unknown profile {name_or_path!r}; built-in: {', '.join(names)}")
+        text = (resources.files("llmpool.lab") / "profiles" / f"{name_or_path}.yaml").read_text("utf-8")
+        where = name_or_path
+    try:
+        data = yaml.safe_load(text)
+        return Profile.model_validate(data)
+    except yaml.YAMLError as err:
+        raise ProfileError(f"{where}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ProfileError(f"{where}: {loc}: {first['msg']}") from None
+
+
+class StepTimer:
+    """Integer-picosecond step times for one profile (hot path of the simulator)."""
+
+    __slots__ = (
+        "_a_dec",
+        "_a_dec_batched",
+        "_a_pre",
+        "_c0",
+        "_c1",
+        "_c2",
+        "_f_batch",
+        "_lin_cache",
+        "_ovh",
+        "moe_ps",
+    )
+
+    def __init__(self, step: StepCost) -> None:
+        self._ovh = step.overhead_ms * 1e9
+        self._c0 = step.linear.c0_ms * 1e9
+        self._c1 = step.linear.c1_ms * 1e9
+        self._c2 = step.linear.c2_us_per_token * 1e6
+        f = 1.0 + step.attention_batching_overhead
+        self._f_batch = f
+        # Per-context-token decode attention cost is an integer number of ps so that a
+        # decode stretch has an exact closed form.
+        self._a_dec = round(step.decode_attention_ns_per_context_token * 1e3)
+        self._a_dec_batched = round(step.decode_attention_ns_per_context_token * 1e3 * f)
+        self._a_pre = step.prefill_attention_ns_per_pair * 1e3
+        self.moe_ps = round(step.moe_overhead_ns_per_token * 1e3)
+        self._lin_cache: dict[int, int] = {}
+
+    def base_ps(self, n_tok: int) -> int:
+        """Overhead plus the linear (non-attention) part for ``n_tok`` scheduled tokens."""
+        v = self._lin_cache.get(n_tok)
+        if v is None:
+            v = round(self._ovh + max(self._c0, self._c1 + self._c2 * n_tok))
+            self._lin_cache[n_tok] = v
+        return v
+
+    def attn_per_ctx_ps(self, n_seq: int) -> int:
+        """Decode attention cost per context token, batched-overhead factor applied."""
+        return self._a_dec_batched if n_seq > 1 else self._a_dec
+
+    def step_ps(self, n_tok: int, n_seq: int, decode_ctx: int, prefill_pairs: float) -> int:
+        t = self.base_ps(n_tok) + self.attn_per_ctx_ps(n_seq) * decode_ctx
+        if prefill_pairs:
+            f = self._f_batch if n_seq > 1 else 1.0
+            t += round(self._a_pre * prefill_pairs * f)
+        return t

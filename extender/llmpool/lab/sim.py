@@ -1,0 +1,356 @@
+"""The discrete-event simulator: a router with a queue, a policy, and a pool of engines.
+
+Event order at equal times: engine step ends, then arrivals, then router ticks, then
+metric samples. The router sees exactly what the live picker will see: scraped gauges
+refreshed every ``scrape_interval_s`` (lazily, when a decision needs them) plus its
+own exact in-flight accounting; never a request's true output length.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llmpool.lab.engine import Engine, EngineRequest, StepGroup
+from llmpool.lab.metrics import RequestLog, RunSummary, summarize
+from llmpool.lab.profile import PS_PER_S, EngineConfig, Profile, StepTimer
+from llmpool.routing.policy import Policy
+from llmpool.routing.types import ActiveRequest, EndpointState, Hold, PoolView, Request, Route
+
+_GROUP, _ARRIVAL, _TICK, _SAMPLE = 0, 1, 2, 3
+
+
+class SimItem(Protocol):
+    """One workload request: what the router sees plus the hidden true output length."""
+
+    @property
+    def request(self) -> Request: ...
+
+    @property
+    def output_tokens(self) -> int: ...
+
+
+class SimulationError(RuntimeError):
+    """The simulation cannot continue (e.g. a policy returned an invalid endpoint)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """How the pool is built and observed."""
+
+    instances: int = 4
+    group_size: int = 1  # > 1: data-parallel barrier groups of this many ranks
+    scrape_interval_s: float = 0.05
+    tick_s: float = 0.02
+    sample_interval_s: float = 0.1
+    fast_forward: bool = True
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {self.instances}")
+        if self.group_size < 1 or self.instances % self.group_size:
+            raise ValueError(
+                f"instances ({self.instances}) must be a multiple of group_size ({self.group_size})"
+            )
+        if self.tick_s <= 0 or self.sample_interval_s <= 0 or self.scrape_interval_s < 0:
+            raise ValueError("tick_s and sample_interval_s must be > 0, scrape_interval_s >= 0")
+
+
+class _Flight:
+    __slots__ = ("dispatch_ps", "endpoint", "item")
+
+    def __init__(self, item: SimItem, endpoint: int, dispatch_ps: int) -> None:
+        self.item = item
+        self.endpoint = endpoint
+        self.dispatch_ps = dispatch_ps
+
+
+@dataclass(slots=True)
+class RunResult:
+    summary: RunSummary
+    log: RequestLog
+    engine_counters: list[dict[str, int]]
+
+
+class Simulator:
+    """Replays ``items`` (sorted by arrival) through ``policy`` onto simulated engines."""
+
+    def __init__(self, profile: Profile, policy: Policy, config: SimConfig | None = None) -> None:
+        self.cfg = config or SimConfig()
+        self.profile = profile
+        self.policy = policy
+        ecfg: EngineConfig = profile.engine.with_overrides(**self.cfg.engine_overrides)
+        self.timer = StepTimer(profile.step)
+        n, g = self.cfg.instances, self.cfg.group_size
+        self.groups: list[StepGroup] = []
+        self.ep_group: list[StepGroup] = []
+        self.ep_engine: list[Engine] = []
+        self.endpoints: list[EndpointState] = []
+        for gi in range(n // g):
+            engines = [Engine(ecfg, self.timer, name=f"pod{gi}-rank{r}") for r in range(g)]
+            group = StepGroup(engines, self.timer, fast_forward=self.cfg.fast_forward)
+            self.groups.append(group)
+            for r, e in enumerate(engines):
+                idx = len(self.endpoints)
+                st = EndpointState(
+                    index=idx,
+                    name=f"10.0.{gi}.1:{8000 + r}",
+                    group=f"pod{gi}",
+                    rank=r,
+                    kv_capacity_tokens=e.capacity_tokens,
+                )
+                st._active_source = self._active_source(idx)
+                self.endpoints.append(st)
+                self.ep_group.append(group)
+                self.ep_engine.append(e)
+        self.view = PoolView(now=0.0, endpoints=self.endpoints, queue=())
+        self.scrape_ps = round(self.cfg.scrape_interval_s * PS_PER_S)
+        self.tick_ps = round(self.cfg.tick_s * PS_PER_S)
+        self.sample_ps = round(self.cfg.sample_interval_s * PS_PER_S)
+        self.last_scrape_ps = -(1 << 62)
+
+    # ------------------------------------------------------------------ view
+    def _active_source(self, idx: int) -> Callable[[], Sequence[ActiveRequest]]:
+        def build() -> Sequence[ActiveRequest]:
+            e = self.ep_engine[idx]
+            off = self.ep_group[idx].generated_offset(self._now_ps)
+            out: list[ActiveRequest] = []
+            for r in e.running:
+                fl: _Flight = r.tag
+                gen = r.generated + (off if e.seg_n else 0)
+                out.append(
+                    ActiveRequest(
+                        request=fl.item.request,
+                        assigned_at=fl.dispatch_ps / PS_PER_S,
+                        generated_tokens=gen,
+                        first_token_at=r.first_ps / PS_PER_S if r.first_ps >= 0 else None,
+                    )
+                )
+            for r in e.waiting:
+                fl = r.tag
+                out.append(
+                    ActiveRequest(
+                        request=fl.item.request,
+                        assigned_at=fl.dispatch_ps / PS_PER_S,
+                        generated_tokens=r.generated,
+                        first_token_at=r.first_ps / PS_PER_S if r.first_ps >= 0 else None,
+                    )
+                )
+            return out
+
+        return build
+
+    def _scrape(self, now_ps: int) -> None:
+        now_s = now_ps / PS_PER_S
+        for idx, st in enumerate(self.endpoints):
+            s = self.ep_group[idx].engine_stats(st.rank, now_ps)
+            st.running = s.running
+            st.waiting = s.waiting
+            st.kv_usage = s.kv_usage
+            st.scraped_at = now_s
+            st.pending_since_scrape = 0
+            st.pending_tokens_since_scrape = 0
+        self.last_scrape_ps = now_ps
+
+    # ------------------------------------------------------------------ run
+    def run(
+        self,
+        items: Iterable[SimItem],
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> RunResult:
+        heap: list[tuple[int, int, int, int, Any]] = []
+        seq = 0
+        push = heapq.heappush
+        pop = heapq.heappop
+        it = iter(items)
+        queue_items: deque[SimItem] = deque()
+        queue_reqs: deque[Request] = deque()
+        self.view.queue = queue_reqs
+        log = RequestLog()
+        rejected = 0
+        tick_pending = False
+        sample_pending = False
+        imb_gmax = 0.0
+        imb_maxmin = 0.0
+        imb_samples = 0
+        independent = self.cfg.group_size == 1 and len(self.endpoints) > 1
+        policy = self.policy
+        endpoints = self.endpoints
+        ep_group = self.ep_group
+        ep_engine = self.ep_engine
+        n_ep = len(endpoints)
+        self._now_ps = 0
+        done_count = 0
+        progress_every = 1000
+
+        def next_arrival() -> None:
+            nonlocal seq
+            item = next(it, None)
+            if item is not None:
+                t = round(item.request.arrival * PS_PER_S)
+                push(heap, (t, _ARRIVAL, seq, 0, item))
+                seq += 1
+
+        def schedule_group(g: StepGroup) -> None:
+            nonlocal seq
+            push(heap, (g.end_ps, _GROUP, seq, g.version, g))
+            seq += 1
+
+        def dispatch(now_ps: int) -> None:
+            nonlocal seq, tick_pending, rejected
+            while queue_reqs:
+                if now_ps - self.last_scrape_ps >= self.scrape_ps:
+                    self._scrape(now_ps)
+                req = queue_reqs[0]
+                self.view.now = now_ps / PS_PER_S
+                decision = policy.decide(req, self.view)
+                if isinstance(decision, Hold):
+                    if not tick_pending:
+                        push(heap, (now_ps + self.tick_ps, _TICK, seq, 0, None))
+                        seq += 1
+                        tick_pending = True
+                    return
+                if not isinstance(decision, Route) or not decision.endpoints:
+                    raise SimulationError(f"policy {policy.name!r} returned {decision!r}")
+                idx = decision.endpoints[0]
+                if not 0 <= idx < n_ep:
+                    raise SimulationError(f"policy {policy.name!r} chose endpoint {idx}; the pool has {n_ep}")
+                queue_reqs.popleft()
+                item = queue_items.popleft()
+                engine = ep_engine[idx]
+                if not engine.fits(req.prompt_tokens, item.output_tokens):
+                    rejected += 1
+                    continue
+                er = EngineRequest(
+                    req.id,
+                    req.prompt_tokens,
+                    item.output_tokens,
+                    req.prefix_hashes,
+                    req.hash_block_tokens,
+                    _Flight(item, idx, now_ps),
+                )
+                engine.add(er, now_ps)
+                st = endpoints[idx]
+                st.inflight += 1
+                st.inflight_prompt_tokens += req.prompt_tokens
+                st.pending_since_scrape += 1
+                st.pending_tokens_since_scrape += req.prompt_tokens
+                group = ep_group[idx]
+                if not group.busy:
+                    if group.plan(now_ps):
+                        schedule_group(group)
+                elif group.interrupt(now_ps):
+                    schedule_group(group)
+                policy.on_assigned(req, idx, now_ps / PS_PER_S)
+
+        next_arrival()
+        while heap:
+            t, kind, _, version, obj = pop(heap)
+            self._now_ps = t
+            if kind == _GROUP:
+                group: StepGroup = obj
+                if version != group.version or not group.busy:
+                    continue
+                finished = group.finish(t)
+                now_s = t / PS_PER_S
+                for r in finished:
+                    fl: _Flight = r.tag
+                    req = fl.item.request
+                    log.add(
+                        req.id,
+                        round(req.arrival * PS_PER_S),
+                        fl.dispatch_ps,
+                        r.first_ps,
+                        r.finish_ps,
+                        r.prompt,
+                        r.generated,
+                        r.preemptions,
+                    )
+                    st = endpoints[fl.endpoint]
+                    st.inflight -= 1
+                    st.inflight_prompt_tokens -= r.prompt
+                    if fl.dispatch_ps > self.last_scrape_ps and st.pending_since_scrape > 0:
+                        st.pending_since_scrape -= 1
+                        st.pending_tokens_since_scrape -= r.prompt
+                    policy.on_completed(req, fl.endpoint, r.generated, now_s)
+                done_count += len(finished)
+                if progress is not None and done_count >= progress_every:
+                    progress(done_count)
+                    done_count = 0
+                if group.plan(t):
+                    schedule_group(group)
+                if queue_reqs:
+                    dispatch(t)
+            elif kind == _ARRIVAL:
+                queue_items.append(obj)
+                queue_reqs.append(obj.request)
+                next_arrival()
+                dispatch(t)
+                if independent and not sample_pending:
+                    push(heap, (t + self.sample_ps, _SAMPLE, seq, 0, None))
+                    seq += 1
+                    sample_pending = True
+            elif kind == _TICK:
+                tick_pending = False
+                if queue_reqs:
+                    dispatch(t)
+            else:  # _SAMPLE: KV-load imbalance across independent instances
+                sample_pending = False
+                busy = bool(queue_reqs)
+                mx = 0
+                mn = 1 << 62
+                tot = 0
+                for idx in range(n_ep):
+                    g = ep_group[idx]
+                    kv = g.engine_stats(0, t).kv_tokens if g.busy else ep_engine[idx].ctx_tokens
+                    busy = busy or g.busy
+                    tot += kv
+                    mx = max(mx, kv)
+                    mn = min(mn, kv)
+                if busy:
+                    imb_gmax += n_ep * mx - tot
+                    imb_maxmin += mx - mn
+                    imb_samples += 1
+                    push(heap, (t + self.sample_ps, _SAMPLE, seq, 0, None))
+                    seq += 1
+                    sample_pending = True
+        if progress is not None and done_count:
+            progress(done_count)
+        if queue_reqs:  # pragma: no cover - a policy that holds forever with no work left
+            raise SimulationError(f"policy {policy.name!r} held {len(queue_reqs)} requests forever")
+        if not independent:
+            steps = sum(g.steps for g in self.groups)
+            imb_gmax = float(sum(g.imb_gmax for g in self.groups))
+            imb_maxmin = float(sum(g.imb_maxmin for g in self.groups))
+            imb_samples = steps
+        counters = [
+            {
+                "preemptions": e.num_preemptions,
+                "prompt_tokens": e.prompt_tokens_total,
+                "generation_tokens": e.generation_tokens_total,
+                "prefix_queries": e.prefix_queries,
+                "prefix_hits": e.prefix_hits,
+                "finished": e.finished_total,
+            }
+            for e in ep_engine
+        ]
+        summary = summarize(
+            log,
+            rejected=rejected,
+            preemptions=sum(c["preemptions"] for c in counters),
+            imbalance_gmax_sum=imb_gmax,
+            imbalance_maxmin_sum=imb_maxmin,
+            imbalance_samples=imb_samples,
+        )
+        return RunResult(summary=summary, log=log, engine_counters=counters)
+
+
+def make_rng(seed: int, salt: str) -> random.Random:
+    """A seeded RNG per (seed, purpose), so adding a consumer does not shift others."""
+    return random.Random(f"{seed}:{salt}")

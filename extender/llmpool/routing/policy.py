@@ -1,0 +1,159 @@
+"""The one policy interface, its typed configuration and the registry of policies.
+
+A policy is built from a :class:`PolicyConfig` (a name plus parameters -- the same
+object a CRD field and the picker's config file carry) by a :class:`PolicyRegistry`.
+Parameters are validated by the policy's own pydantic model, so a typo or a value
+out of range is rejected with a message naming the field and what is allowed.
+
+Policies never do I/O and never look at simulator internals: the same object runs in
+the lab and in the live endpoint picker.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmpool.routing.types import Decision, PoolView, Request
+
+
+class ConfigError(ValueError):
+    """A policy name or parameter is invalid. ``str(err)`` is one readable line."""
+
+
+class PolicyParams(BaseModel):
+    """Base class of every policy's parameter model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(PolicyParams):
+    """For policies without parameters."""
+
+
+class PolicyConfig(BaseModel):
+    """Which policy to run and its parameters (``{"name": ..., "params": {...}}``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str | dict[str, Any] | PolicyConfig) -> PolicyConfig:
+        """Accept a bare name (``"p2c"``), a mapping, or a config object."""
+        if isinstance(spec, PolicyConfig):
+            return spec
+        if isinstance(spec, str):
+            return cls(name=spec.strip())
+        try:
+            return cls.model_validate(spec)
+        except ValidationError as err:
+            raise ConfigError(f"invalid policy config: {_one_line(err)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What a policy may need from its driver, passed explicitly at build time."""
+
+    rng: random.Random
+
+
+class Policy(abc.ABC):
+    """Routes one request at a time.
+
+    ``decide`` returns :class:`~llmpool.routing.types.Route` (an ordered endpoint list:
+    target first, then fallbacks) or :class:`~llmpool.routing.types.Hold`. The driver
+    calls ``on_assigned`` once it has sent a request, and ``on_completed`` when the
+    response ends with the number of output tokens observed.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def decide(self, request: Request, view: PoolView) -> Decision:
+        """Choose endpoints for ``request`` given the current pool view."""
+
+    def on_assigned(self, request: Request, endpoint: int, now: float) -> None:  # noqa: B027
+        """The request was sent to ``endpoint`` (an index into ``view.endpoints``)."""
+
+    def on_completed(  # noqa: B027
+        self, request: Request, endpoint: int, output_tokens: int, now: float
+    ) -> None:
+        """The request finished on ``endpoint`` with ``output_tokens`` generated."""
+
+
+Factory = Callable[[Any, PolicyContext], Policy]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    name: str
+    params_model: type[PolicyParams]
+    factory: Factory
+    summary: str
+    lab_only: bool = False
+
+
+class PolicyRegistry:
+    """Policies by name. Build one with :func:`llmpool.routing.builtin_registry`."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, PolicySpec] = {}
+
+    def register(
+        self,
+        name: str,
+        params_model: type[PolicyParams],
+        factory: Factory,
+        summary: str,
+        *,
+        lab_only: bool = False,
+    ) -> None:
+        if name in self._specs:
+            raise ValueError(f"policy {name!r} is already registered")
+        self._specs[name] = PolicySpec(name, params_model, factory, summary, lab_only)
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[PolicySpec]:
+        return iter(self._specs.values())
+
+    def spec(self, name: str) -> PolicySpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            allowed = ", ".join(self._specs)
+            raise ConfigError(f"unknown policy {name!r}; allowed: {allowed}") from None
+
+    def validate(self, config: PolicyConfig | str | dict[str, Any]) -> tuple[PolicySpec, PolicyParams]:
+        """Check a config without building it; returns the spec and parsed parameters."""
+        cfg = PolicyConfig.parse(config)
+        spec = self.spec(cfg.name)
+        try:
+            params = spec.params_model.model_validate(cfg.params)
+        except ValidationError as err:
+            fields = ", ".join(spec.params_model.model_fields) or "none"
+            raise ConfigError(f"policy {cfg.name!r}: {_one_line(err)} (parameters: {fields})") from None
+        return spec, params
+
+    def build(self, config: PolicyConfig | str | dict[str, Any], ctx: PolicyContext) -> Policy:
+        spec, params = self.validate(config)
+        return spec.factory(params, ctx)
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "value"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
