@@ -21,6 +21,7 @@ MoE/EP term proportional to the mean load).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -597,14 +598,28 @@ class StepGroup:
         off = now_ps - self.start_ps
         if self.seg_cum is not None:
             return int(np.searchsorted(self.seg_cum, off, side="right"))
-        lo, hi = 0, self.seg_k
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._g1_offset(mid) <= off:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        # Invert the closed form: (A n / 2) j^2 + (B + A S0 - A n / 2) j <= off, then fix up
+        # the float estimate with exact integer checks.
+        qa = self.seg_a * self.seg_n / 2.0
+        qb = self.seg_b + self.seg_a * self.seg_s0 - qa
+        if qa > 0:
+            j = int((-qb + math.sqrt(qb * qb + 4.0 * qa * off)) / (2.0 * qa))
+        else:
+            j = int(off // qb) if qb > 0 else self.seg_k
+        j = max(0, min(j, self.seg_k))
+        g = self._g1_offset
+        while j < self.seg_k and g(j + 1) <= off:
+            j += 1
+        while j > 0 and g(j) > off:
+            j -= 1
+        return j
+
+    def kv_tokens(self, idx: int, now_ps: int) -> int:
+        """KV tokens resident on rank ``idx`` now (cheap; for load sampling)."""
+        e = self.engines[idx]
+        if self.busy and self.seg_k and e.seg_n:
+            return e.ctx_tokens + e.seg_n * self.steps_done(now_ps)
+        return e.ctx_tokens
 
     def interrupt(self, now_ps: int) -> bool:
         """A request arrived at a rank of this group: cut a running segment short after

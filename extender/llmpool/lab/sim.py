@@ -46,7 +46,7 @@ class SimConfig:
     group_size: int = 1  # > 1: data-parallel barrier groups of this many ranks
     scrape_interval_s: float = 0.05
     tick_s: float = 0.02
-    sample_interval_s: float = 0.1
+    sample_interval_s: float = 0.2
     fast_forward: bool = True
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -308,7 +308,7 @@ class Simulator:
                 tot = 0
                 for idx in range(n_ep):
                     g = ep_group[idx]
-                    kv = g.engine_stats(0, t).kv_tokens if g.busy else ep_engine[idx].ctx_tokens
+                    kv = g.kv_tokens(0, t)
                     busy = busy or g.busy
                     tot += kv
                     mx = max(mx, kv)

@@ -1,0 +1,130 @@
+"""The ``llmpool`` command: bad input is one line and a non-zero exit; the quick bench works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def llmpool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmpool.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["bench", "--scenario", "nope"], "unknown scenario 'nope'"),
+        (["bench", "--scenario", "gie", "--policies", "round-robin,bogus"], "unknown policy 'bogus'"),
+        (["bench", "--scenario", "gie", "--rate", "-3"], "--rate"),
+        (["bench", "--scenario", "gie", "--rate", "abc"], "--rate"),
+        (["bench", "--scenario", "gie", "--seeds", "0"], "--seeds"),
+        (["bench", "--scenario", "gie", "--instances", "0"], "--instances"),
+        (["bench", "--scenario", "gie", "--workload", "/no/such/trace.csv"], "no such file"),
+        (["bench", "--scenario", "balanceroute", "--instances", "5"], "multiple"),
+        (["bench"], "--scenario"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args: list[str], needle: str) -> None:
+    r = llmpool(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in r.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("llmpool: error:")
+    assert needle in err
+
+
+def test_malformed_trace_names_file_and_line(tmp_path: Path) -> None:
+    trace = tmp_path / "bad.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\nx,y,z\n")
+    r = llmpool("bench", "--scenario", "paper-a", "--workload", str(trace), "--policies", "round-robin")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "bad.csv:3" in r.stderr
+
+
+def test_quick_bench_prints_table_and_writes_json_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    plots = tmp_path / "plots"
+    r = llmpool(
+        "bench",
+        "--scenario",
+        "gie",
+        "--quick",
+        "--policies",
+        "round-robin,least-requests,gie-default",
+        "--requests",
+        "300",
+        "--seeds",
+        "2",
+        "--json",
+        str(out),
+        "--plot",
+        str(plots),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "round-robin" in r.stdout and "gie-default" in r.stdout and "ΔE2E vs RR" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["scenario"] == "gie"
+    assert data["config"]["instances"] == 8
+    rows = data["results"]
+    assert len(rows) == 3 * 2
+    for key in (
+        "policy",
+        "seed",
+        "e2e_mean_s",
+        "e2e_p50_s",
+        "e2e_p99_s",
+        "ttft_mean_s",
+        "ttft_p99_s",
+        "tpot_mean_s",
+        "throughput_tok_s",
+        "preemptions",
+        "imbalance_gmax_mean",
+        "imbalance_maxmin_mean",
+    ):
+        assert key in rows[0], key
+    assert all(row["requests"] == 300 for row in rows)
+    assert sorted(p.name for p in plots.iterdir()) == ["gie-cdf-120.png"]
+
+
+def test_trace_replay_at_own_pace_and_rescaled(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    lines = [
+        json.dumps({"timestamp": i * 100, "input_length": 600, "output_length": 20, "hash_ids": [0, i]})
+        for i in range(50)
+    ]
+    trace.write_text("\n".join(lines) + "\n")
+    for extra, rate in (([], 10.0), (["--rate", "40"], 40.0)):
+        out = tmp_path / f"r{rate}.json"
+        r = llmpool(
+            "bench",
+            "--scenario",
+            "gie",
+            "--workload",
+            str(trace),
+            "--policies",
+            "round-robin",
+            "--seeds",
+            "1",
+            "--json",
+            str(out),
+            *extra,
+        )
+        assert r.returncode == 0, r.stderr
+        row = json.loads(out.read_text())["results"][0]
+        assert row["requests"] == 50
+        assert row["rate"] == pytest.approx(rate, rel=1e-6)
