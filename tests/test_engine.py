@@ -23,7 +23,10 @@ def step_s(n_tok: int, n_seq: int, dec_ctx: int = 0, pairs: float = 0.0) -> floa
     """One engine step in seconds, from the profile's numbers (model-server notes §4)."""
     f = 1.0 + S.attention_batching_overhead if n_seq > 1 else 1.0
     lin = max(S.linear.c0_ms * 1e-3, S.linear.c1_ms * 1e-3 + S.linear.c2_us_per_token * 1e-6 * n_tok)
-    attn = S.decode_attention_ns_per_context_token * 1e-9 * dec_ctx + S.prefill_attention_ns_per_pair * 1e-9 * pairs
+    attn = (
+        S.decode_attention_ns_per_context_token * 1e-9 * dec_ctx
+        + S.prefill_attention_ns_per_pair * 1e-9 * pairs
+    )
     return S.overhead_ms * 1e-3 + lin + f * attn
 
 
@@ -38,7 +41,7 @@ def make_group(n: int, *, fast_forward: bool, **overrides: object) -> StepGroup:
 
 
 def check_blocks(e: Engine) -> None:
-    assert 0 <= e.used_blocks
+    assert e.used_blocks >= 0
     assert 0 <= e.pinned_blocks <= e.cached_blocks
     assert e.used_blocks + e.cached_blocks <= e.total_blocks
 
@@ -119,6 +122,28 @@ def test_preemption_exactly_when_blocks_run_out(num_blocks: int, expected_d: int
     assert e.prompt_tokens_total == 2 * PROMPT
     assert e.finished_total == 2
     assert e.used_blocks == 0 and not e.running and not e.waiting
+
+
+def test_no_admission_in_a_step_that_preempts() -> None:
+    # vLLM V1 schedules no waiting request in a step that preempted. With prefill chunks capped
+    # at 32 tokens the victim's recompute chunk (2 blocks) would fit in the 3 free blocks.
+    e = make_engine(num_gpu_blocks=7, long_prefill_token_threshold=32)
+    r0, r1 = EngineRequest(0, PROMPT, OUT), EngineRequest(1, PROMPT, OUT)
+    e.add(r0, 0)
+    e.add(r1, 0)
+    finished: list[EngineRequest] = []
+    for step in range(1, 18):  # the joint prefill and decodes 1..16: no preemption
+        e.schedule()
+        assert len(e.sched) == 2 and e.num_preemptions == 0
+        e.apply_step(step, finished)
+    e.schedule()  # decode 17: r1 is preempted
+    assert e.num_preemptions == 1
+    assert e.sched == [(r0, 1)]
+    assert list(e.waiting) == [r1]
+    assert e.total_blocks - e.used_blocks == 3
+    e.apply_step(18, finished)
+    e.schedule()  # the next step admits r1's first recompute chunk
+    assert e.sched == [(r0, 1), (r1, 32)]
 
 
 @pytest.mark.parametrize("num_blocks", [7, 8, 11, 12])
@@ -245,7 +270,7 @@ def test_barrier_step_time_is_set_by_the_most_loaded_rank(ff: bool) -> None:
     a += [0.0] * (len(b) - len(a))
     group_steps = [max(x, y) for x, y in zip(a, b, strict=True)]
     assert long_r.first_ps / PS_PER_S == pytest.approx(sum(group_steps[:2]), rel=REL)
-    assert long_r.finish_ps / PS_PER_S == pytest.approx(sum(group_steps[:LONG_O + 1]), rel=REL)
+    assert long_r.finish_ps / PS_PER_S == pytest.approx(sum(group_steps[: LONG_O + 1]), rel=REL)
     assert short_r.first_ps / PS_PER_S == pytest.approx(group_steps[0], rel=REL)
     assert short_r.finish_ps / PS_PER_S == pytest.approx(sum(group_steps), rel=REL)
     # alone (G = 1) the short request is far faster: the long rank's prefill chunks stalled it

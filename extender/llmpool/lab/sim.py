@@ -1,9 +1,13 @@
 """The discrete-event simulator: a router with a queue, a policy, and a pool of engines.
 
-Event order at equal times: engine step ends, then arrivals, then router ticks, then
-metric samples. The router sees exactly what the live picker will see: scraped gauges
-refreshed every ``scrape_interval_s`` (lazily, when a decision needs them) plus its
-own exact in-flight accounting; never a request's true output length.
+Event order at equal times: engine step ends, then router re-dispatches triggered by
+completions, then arrivals, then router ticks, then metric samples. Held requests are
+offered to the policy again on ticks and after completions (which are the same events
+whether or not decode stretches are fast-forwarded), never on plain step ends.
+
+The router sees exactly what the live picker will see: scraped gauges refreshed every
+``scrape_interval_s`` (lazily, when a decision needs them) plus its own exact in-flight
+accounting; never a request's true output length.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from llmpool.lab.profile import PS_PER_S, EngineConfig, Profile, StepTimer
 from llmpool.routing.policy import Policy
 from llmpool.routing.types import ActiveRequest, EndpointState, Hold, PoolView, Request, Route
 
-_GROUP, _ARRIVAL, _TICK, _SAMPLE = 0, 1, 2, 3
+_GROUP, _DISPATCH, _ARRIVAL, _TICK, _SAMPLE = 0, 1, 2, 3, 4
 
 
 class SimItem(Protocol):
@@ -175,6 +179,7 @@ class Simulator:
         log = RequestLog()
         rejected = 0
         tick_pending = False
+        dispatch_pending = False
         sample_pending = False
         imb_gmax = 0.0
         imb_maxmin = 0.0
@@ -285,6 +290,14 @@ class Simulator:
                     done_count = 0
                 if group.plan(t):
                     schedule_group(group)
+                if finished and queue_reqs and not dispatch_pending:
+                    # after every step end at this instant (an inline dispatch would see
+                    # other groups mid-way through the same instant)
+                    push(heap, (t, _DISPATCH, seq, 0, None))
+                    seq += 1
+                    dispatch_pending = True
+            elif kind == _DISPATCH:
+                dispatch_pending = False
                 if queue_reqs:
                     dispatch(t)
             elif kind == _ARRIVAL:
