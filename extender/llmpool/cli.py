@@ -171,10 +171,10 @@ class _UsageError(ValueError):
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llmpool.lab.bench import BenchError
-    from llmpool.lab.profile import ProfileError
     from llmpool.lab.sim import SimulationError
     from llmpool.lab.workload import WorkloadError
     from llmpool.routing.policy import ConfigError
+    from llmpool.routing.profile import ProfileError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from llmpool.lab.profile import load_profile
 from llmpool.lab.scenarios import SCENARIOS, Scenario
 from llmpool.lab.sim import SimConfig, Simulator, make_rng
 from llmpool.lab.workload import Workload, load_workload
 from llmpool.routing import PolicyContext, builtin_registry
 from llmpool.routing.policy import ConfigError
+from llmpool.routing.profile import load_profile
 
 REFERENCE = "round-robin"
 
@@ -302,6 +302,9 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
 
     outdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    label = plan.scenario.name
+    if plan.workload != plan.scenario.workload:
+        label += "-" + Path(plan.workload).name.split(".")[0]
     rates = sorted({float(r["rate"]) for r in rows})
     for rate in rates:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -316,11 +319,11 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
             ax.set_xscale("log")
             ax.set_xlabel("seconds")
             ax.set_ylabel("fraction of requests")
-            ax.set_title(f"{title} CDF, {plan.scenario.name} @ {rate:g} req/s (seed 0)")
+            ax.set_title(f"{title} CDF, {label} @ {rate:g} req/s (seed 0)")
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        path = outdir / f"{plan.scenario.name}-cdf-{rate:g}.png"
+        path = outdir / f"{label}-cdf-{rate:g}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -336,11 +339,11 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
         for ax, title in zip(axes, ("mean E2E", "p99 E2E"), strict=True):
             ax.set_xlabel("arrival rate (req/s)")
             ax.set_ylabel("seconds")
-            ax.set_title(f"{title} vs load, {plan.scenario.name}")
+            ax.set_title(f"{title} vs load, {label}")
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        path = outdir / f"{plan.scenario.name}-sweep.png"
+        path = outdir / f"{label}-sweep.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from llmpool.lab.profile import EngineConfig, StepTimer
+from llmpool.routing.profile import EngineConfig, StepTimer
 
 
 class EngineRequest:

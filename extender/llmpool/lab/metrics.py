@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from llmpool.lab.profile import PS_PER_S
+from llmpool.routing.profile import PS_PER_S
 
 
 class RequestLog:

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 from llmpool.lab.engine import Engine, EngineRequest, StepGroup
 from llmpool.lab.metrics import RequestLog, RunSummary, summarize
-from llmpool.lab.profile import PS_PER_S, EngineConfig, Profile, StepTimer
 from llmpool.routing.policy import Policy
+from llmpool.routing.profile import PS_PER_S, EngineConfig, Profile, StepTimer
 from llmpool.routing.types import ActiveRequest, EndpointState, Hold, PoolView, Request, Route
 
 _GROUP, _DISPATCH, _ARRIVAL, _TICK, _SAMPLE = 0, 1, 2, 3, 4
@@ -207,27 +207,36 @@ class Simulator:
             push(heap, (g.end_ps, _GROUP, seq, g.version, g))
             seq += 1
 
+        window = max(1, int(getattr(policy, "queue_window", 1)))
+
         def dispatch(now_ps: int) -> None:
             nonlocal seq, tick_pending, rejected
-            while queue_reqs:
+            # Offer queued requests in order; a Hold skips past a request, but only
+            # ``window`` requests may be skipped (window 1 = head-of-line blocking).
+            pos = 0
+            held = False
+            while pos < len(queue_reqs) and pos < window:
                 if now_ps - self.last_scrape_ps >= self.scrape_ps:
                     self._scrape(now_ps)
-                req = queue_reqs[0]
+                req = queue_reqs[pos]
                 self.view.now = now_ps / PS_PER_S
                 decision = policy.decide(req, self.view)
                 if isinstance(decision, Hold):
-                    if not tick_pending:
-                        push(heap, (now_ps + self.tick_ps, _TICK, seq, 0, None))
-                        seq += 1
-                        tick_pending = True
-                    return
+                    held = True
+                    pos += 1
+                    continue
                 if not isinstance(decision, Route) or not decision.endpoints:
                     raise SimulationError(f"policy {policy.name!r} returned {decision!r}")
                 idx = decision.endpoints[0]
                 if not 0 <= idx < n_ep:
                     raise SimulationError(f"policy {policy.name!r} chose endpoint {idx}; the pool has {n_ep}")
-                queue_reqs.popleft()
-                item = queue_items.popleft()
+                if pos == 0:
+                    queue_reqs.popleft()
+                    item = queue_items.popleft()
+                else:
+                    del queue_reqs[pos]
+                    item = queue_items[pos]
+                    del queue_items[pos]
                 engine = ep_engine[idx]
                 if not engine.fits(req.prompt_tokens, item.output_tokens):
                     rejected += 1
@@ -253,6 +262,10 @@ class Simulator:
                 elif group.interrupt(now_ps):
                     schedule_group(group)
                 policy.on_assigned(req, idx, now_ps / PS_PER_S)
+            if held and queue_reqs and not tick_pending:
+                push(heap, (now_ps + self.tick_ps, _TICK, seq, 0, None))
+                seq += 1
+                tick_pending = True
 
         next_arrival()
         while heap:

@@ -19,10 +19,10 @@ from typing import Any
 def _case(
     kind: str, spec: str, n: int | None, rate: float | None, instances: int, policy: str
 ) -> dict[str, Any]:
-    from llmpool.lab.profile import load_profile
     from llmpool.lab.sim import SimConfig, Simulator, make_rng
     from llmpool.lab.workload import load_workload
     from llmpool.routing import PolicyContext, builtin_registry
+    from llmpool.routing.profile import load_profile
 
     t0 = time.perf_counter()
     wl = load_workload(spec, n=n, rate=rate, seed=0)

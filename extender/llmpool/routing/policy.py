@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmpool.routing.profile import Profile
 from llmpool.routing.types import Decision, PoolView, Request
 
 
@@ -59,9 +60,16 @@ class PolicyConfig(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class PolicyContext:
-    """What a policy may need from its driver, passed explicitly at build time."""
+    """What a policy may need from its driver, passed explicitly at build time.
+
+    ``truth`` maps a request id to its true output length: only the lab has it (for
+    oracle predictors that measure the ceiling); a live picker passes ``None``.
+    ``profile`` is the step-cost profile of the pool's engines, when known.
+    """
 
     rng: random.Random
+    truth: Callable[[int], int | None] | None = None
+    profile: Profile | None = None
 
 
 class Policy(abc.ABC):
@@ -74,6 +82,11 @@ class Policy(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: How many router-held requests the driver offers per dispatch round, in arrival
+    #: order. 1 (the default) is head-of-line: a Hold on the head stops the round. A
+    #: larger window lets a policy route a later request while holding earlier ones
+    #: (BalanceRoute's candidate window); the live picker answers held streams in any order.
+    queue_window: int = 1
 
     @abc.abstractmethod
     def decide(self, request: Request, view: PoolView) -> Decision:

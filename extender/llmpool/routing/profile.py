@@ -82,7 +82,7 @@ class ProfileError(ValueError):
 
 
 def builtin_profiles() -> list[str]:
-    root = resources.files("llmpool.lab") / "profiles"
+    root = resources.files("llmpool.routing") / "profiles"
     return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -99,7 +99,7 @@ def load_profile(name_or_path: str) -> Profile:
         names = builtin_profiles()
         if name_or_path not in names:
             raise ProfileError(f"unknown profile {name_or_path!r}; built-in: {', '.join(names)}")
-        text = (resources.files("llmpool.lab") / "profiles" / f"{name_or_path}.yaml").read_text("utf-8")
+        text = (resources.files("llmpool.routing") / "profiles" / f"{name_or_path}.yaml").read_text("utf-8")
         where = name_or_path
     try:
         data = yaml.safe_load(text)
