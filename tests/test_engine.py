@@ -11,7 +11,7 @@ import math
 import pytest
 
 from llmpool.lab.engine import Engine, EngineRequest, StepGroup
-from llmpool.lab.profile import PS_PER_S, StepTimer, load_profile
+from llmpool.routing.profile import PS_PER_S, StepTimer, load_profile
 
 PROFILE = load_profile("a100-llama3-8b")
 S = PROFILE.step

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from llmpool.lab.metrics import RequestLog, summarize
-from llmpool.lab.profile import PS_PER_S, load_profile
 from llmpool.lab.sim import RunResult, SimConfig, Simulator
 from llmpool.lab.workload import FIVE_TASK_MIX, PREFIX_SHARING, WorkloadItem, synthetic
 from llmpool.routing import Hold, Policy, PolicyContext, PoolView, Request, Route, builtin_registry
+from llmpool.routing.profile import PS_PER_S, load_profile
 
 PROFILE = load_profile("a100-llama3-8b")
 S = PROFILE.step

@@ -446,6 +446,13 @@ class Engine:
         return _blocks_needed(self.seg_cnt, self.bs, j) if self.seg_n else 0
 
     # ------------------------------------------------------------------ observation
+    def output_tokens_in_flight(self, seg_offset: int = 0) -> int:
+        """Output tokens generated so far by requests still on this engine."""
+        total = sum(r.generated for r in self.running) + sum(r.generated for r in self.waiting)
+        if self.seg_n:
+            total += self.seg_n * seg_offset
+        return total
+
     def stats(self, seg_steps_done: int = 0, seg_steps_alloc: int = 0) -> EngineStats:
         """Gauges as of now; inside a segment pass the steps done and allocated so far."""
         used = self.used_blocks + self.pinned_blocks

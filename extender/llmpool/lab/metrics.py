@@ -85,6 +85,7 @@ class RunSummary:
     router_wait_mean_s: float
     router_wait_p99_s: float
     throughput_tok_s: float
+    throughput_window_tok_s: float
     requests_per_s: float
     makespan_s: float
     output_tokens: int
@@ -102,6 +103,27 @@ def _stats(x: np.ndarray) -> tuple[float, float, float, float]:
         return (float("nan"),) * 4
     p50, p90, p99 = np.percentile(x, [50, 90, 99])
     return float(x.mean()), float(p50), float(p90), float(p99)
+
+
+def _window_throughput(log: RequestLog) -> float:
+    """Output tokens per second while arrivals last (first to last arrival): the pool's
+    throughput under the offered load, without the drain tail of a finite workload. Each
+    request's tokens are spread evenly between its first and last token."""
+    if len(log) < 2:
+        return 0.0
+    arr = np.frombuffer(log.arrival, np.int64)
+    t0, t1 = int(arr.min()), int(arr.max())
+    if t1 <= t0:
+        return 0.0
+    first = np.frombuffer(log.first, np.int64).astype(np.float64)
+    fin = np.frombuffer(log.finish, np.int64).astype(np.float64)
+    out = np.frombuffer(log.output, np.int64).astype(np.float64)
+    span = np.maximum(fin - first, 1.0)
+    lo = np.clip((t0 - first) / span, 0.0, 1.0)
+    hi = np.clip((t1 - first) / span, 0.0, 1.0)
+    tokens = (hi - lo) * (out - 1.0)
+    tokens += ((first >= t0) & (first <= t1)).astype(np.float64)  # the first token itself
+    return float(tokens.sum() / ((t1 - t0) / PS_PER_S))
 
 
 def summarize(
@@ -126,6 +148,7 @@ def summarize(
     else:
         span = 0.0
     k = max(imbalance_samples, 1)
+    window_tput = _window_throughput(log)
     return RunSummary(
         requests=n,
         rejected=rejected,
@@ -144,6 +167,7 @@ def summarize(
         router_wait_mean_s=float(wait.mean()) if n else float("nan"),
         router_wait_p99_s=float(np.percentile(wait, 99)) if n else float("nan"),
         throughput_tok_s=out_tokens / span if span > 0 else 0.0,
+        throughput_window_tok_s=window_tput,
         requests_per_s=n / span if span > 0 else 0.0,
         makespan_s=span,
         output_tokens=out_tokens,

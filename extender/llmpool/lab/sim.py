@@ -156,6 +156,9 @@ class Simulator:
             st.running = s.running
             st.waiting = s.waiting
             st.kv_usage = s.kv_usage
+            st.inflight_output_tokens = self.ep_engine[idx].output_tokens_in_flight(
+                self.ep_group[idx].generated_offset(now_ps)
+            )
             st.scraped_at = now_s
             st.pending_since_scrape = 0
             st.pending_tokens_since_scrape = 0
@@ -314,6 +317,7 @@ class Simulator:
                 if queue_reqs:
                     dispatch(t)
             elif kind == _ARRIVAL:
+                obj.request.prediction = None  # a new arrival carries no prediction yet
                 queue_items.append(obj)
                 queue_reqs.append(obj.request)
                 next_arrival()

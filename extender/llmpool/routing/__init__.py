@@ -26,10 +26,12 @@ def builtin_registry() -> PolicyRegistry:
     """A fresh registry holding every policy that ships with LLMPool."""
     from llmpool.routing.baselines import register_baselines
     from llmpool.routing.gie import register_gie
+    from llmpool.routing.impact import register_impact
 
     reg = PolicyRegistry()
     register_baselines(reg)
     register_gie(reg)
+    register_impact(reg)
     return reg
 
 

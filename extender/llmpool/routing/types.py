@@ -78,7 +78,9 @@ class EndpointState:
     * *router-side* -- exact and fresh, from the router's own assignments:
       ``inflight`` requests, ``inflight_prompt_tokens``, ``pending_since_scrape``
       (requests assigned after ``scraped_at``, which the gauges cannot show yet) and
-      their prompt tokens ``pending_tokens_since_scrape``.
+      their prompt tokens ``pending_tokens_since_scrape``, and the output tokens seen so
+      far for the in-flight requests ``inflight_output_tokens`` (the picker counts
+      streamed tokens; the simulator refreshes it with each scrape).
 
     ``group`` names the engine (pod) the endpoint belongs to: endpoints sharing a
     group are the data-parallel ranks of one barrier-coupled engine; ``rank`` is the
@@ -101,6 +103,7 @@ class EndpointState:
     inflight_prompt_tokens: int = 0
     pending_since_scrape: int = 0
     pending_tokens_since_scrape: int = 0
+    inflight_output_tokens: int = 0  # output tokens seen so far for the in-flight requests
     # Filled on demand by the driver (per-request progress is O(requests) to build).
     _active_source: Callable[[], Sequence[ActiveRequest]] | None = field(default=None, repr=False)
 

@@ -1,0 +1,322 @@
+"""The latency-impact estimator (paper a) and the ``impact`` policy.
+
+For a new request and each candidate endpoint, :class:`ImpactEstimator` estimates, from the
+endpoint's observed state and the engines' step-cost profile:
+
+* the request's **own** TTFT there (waiting for a batch slot, its prefill) and its decode
+  time (its predicted output length at the batch's per-step time);
+* the delay it adds to the requests **already there**: the *prefill stall* (every running
+  decode waits for the steps that carry its prompt; paper a's Eq. 1 term, "proportional to
+  the prompt tokens and the tokens already decoding") and the *decode slowdown* (one more
+  sequence in every step, for as long as it overlaps the others; paper a's Eq. 2 term,
+  "proportional to the number of requests"), and a **KV-pressure** term when its tokens
+  would overflow the KV cache (preemption by recompute).
+
+Paper a does not print its Eq. 1-3; the forms here are our reconstruction (see
+algorithms.md A.3) in seconds of latency, so the weights are unit-free.
+
+The ``impact`` policy routes to the endpoint minimising ``own E2E + w * impact``; when every
+endpoint's batch is full it holds requests at the router (late binding) and, among the
+requests in its window, releases first those with the smallest predicted cost (an aged
+shortest-predicted-job-first), so the engines' FCFS queues never see a long request block
+short ones. All inputs are O(1) per endpoint: scraped gauges, the router's own counters and
+the policy's running sum of predicted output lengths per endpoint.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from llmpool.routing.policy import (
+    ConfigError,
+    Policy,
+    PolicyContext,
+    PolicyParams,
+    PolicyRegistry,
+)
+from llmpool.routing.predictors import LengthPredictor, PredictorConfig, build_predictor
+from llmpool.routing.profile import EngineConfig, Profile, StepCost, load_profile
+from llmpool.routing.types import Decision, EndpointState, Hold, PoolView, Request, Route
+
+
+class CostModel:
+    """A profile's step cost in float seconds (the estimator's view of one engine step)."""
+
+    __slots__ = ("a_dec", "a_pre", "c0", "c1", "c2", "f_batch", "ovh")
+
+    def __init__(self, step: StepCost) -> None:
+        self.ovh = step.overhead_ms * 1e-3
+        self.c0 = step.linear.c0_ms * 1e-3
+        self.c1 = step.linear.c1_ms * 1e-3
+        self.c2 = step.linear.c2_us_per_token * 1e-6
+        self.f_batch = 1.0 + step.attention_batching_overhead
+        self.a_dec = step.decode_attention_ns_per_context_token * 1e-9
+        self.a_pre = step.prefill_attention_ns_per_pair * 1e-9
+
+    def lin(self, n_tok: float) -> float:
+        return self.ovh + max(self.c0, self.c1 + self.c2 * n_tok)
+
+    def decode_step(self, n_seq: float, ctx_tokens: float) -> float:
+        """One decode-only step for ``n_seq`` sequences attending ``ctx_tokens`` in all."""
+        f = self.f_batch if n_seq > 1 else 1.0
+        return self.lin(n_seq) + f * self.a_dec * ctx_tokens
+
+    def prefill_extra(self, prompt: float, n_seq: float, budget: float) -> float:
+        """Extra step time the ``prompt`` adds to the steps that carry it (chunked at
+        ``budget`` tokens per step alongside ``n_seq`` decodes)."""
+        room = max(1.0, budget - n_seq)
+        steps = math.ceil(prompt / room)
+        with_prompt = steps * self.lin(n_seq + min(prompt, room)) - steps * self.lin(n_seq)
+        f = self.f_batch if n_seq >= 1 else 1.0  # batched with decodes, or alone
+        return max(0.0, with_prompt) + f * self.a_pre * prompt * prompt / 2.0
+
+
+@dataclass(slots=True)
+class Estimate:
+    """The estimator's answer for one (request, endpoint) pair, in seconds."""
+
+    ttft: float
+    decode: float
+    prefill_stall: float
+    decode_slowdown: float
+    kv_penalty: float
+
+    @property
+    def own_e2e(self) -> float:
+        return self.ttft + self.decode
+
+
+class ImpactEstimator:
+    """Own latency and impact on others of placing a request on an endpoint."""
+
+    def __init__(self, cost: CostModel, engine: EngineConfig, *, max_seqs: int | None = None) -> None:
+        self.cost = cost
+        self.budget = float(engine.max_num_batched_tokens)
+        self.max_seqs = max_seqs or engine.max_num_seqs
+
+    def estimate(
+        self,
+        prompt: float,
+        expected_out: float,
+        ep: EndpointState,
+        remaining_others: float,
+    ) -> Estimate:
+        """``remaining_others``: predicted output tokens still to come for the requests
+        already on ``ep`` (their sum)."""
+        c = self.cost
+        n = float(ep.running + ep.pending_since_scrape)  # sequences in the batch soon
+        queued = float(ep.waiting)
+        kv = ep.kv_load_tokens()
+        step_now = c.decode_step(max(n, 1.0), kv)
+        per_req_rem = remaining_others / n if n > 0 else 0.0
+        # Waiting for a batch slot: completions come every step_now * per_req_rem / n.
+        over = n + queued + 1.0 - self.max_seqs
+        wait = 0.0
+        if over > 0 and n > 0:
+            wait = over * step_now * max(per_req_rem, 1.0) / n
+        prefill = c.prefill_extra(prompt, min(n, self.max_seqs), self.budget)
+        ttft = wait + prefill + step_now
+        n_after = min(n + 1.0, float(self.max_seqs))
+        step_after = c.decode_step(n_after, kv + prompt + expected_out / 2.0)
+        decode = max(expected_out - 1.0, 0.0) * step_after
+        # Impact on the others: every running decode is stalled by the prefill; each step of
+        # the overlap (min(their remaining, ours)) is longer by one more sequence's cost.
+        running_now = min(n, float(self.max_seqs))
+        stall = running_now * prefill
+        delta = max(0.0, c.decode_step(n_after, kv + prompt) - c.decode_step(max(n, 1.0), kv))
+        overlap = min(remaining_others, running_now * expected_out)
+        slowdown = delta * overlap
+        cap = float(ep.kv_capacity_tokens)
+        kv_pen = 0.0
+        if cap > 0:
+            need = kv + prompt + expected_out + remaining_others
+            if need > cap:
+                # preemption by recompute: someone re-prefills; charge it to everyone stalled
+                frac = min(1.0, (need - cap) / max(prompt + expected_out, 1.0))
+                kv_pen = frac * (c.c2 * (prompt + expected_out) + step_now) * max(running_now, 1.0)
+        return Estimate(ttft, decode, stall, slowdown, kv_pen)
+
+
+class ImpactParams(PolicyParams):
+    """Parameters of ``impact`` (see docs/policies.md)."""
+
+    predictor: dict[str, Any] | str = Field(
+        default_factory=lambda: {"name": "survival", "per_model": True},
+        description="length predictor config: {name: survival|exact-match|oracle, per_model, params}",
+    )
+    profile: str | None = Field(
+        default=None,
+        description="step-cost profile name or file; default: the pool's profile from the driver",
+    )
+    impact_weight: float = Field(default=1.0, ge=0.0, description="weight of the delay imposed on others")
+    alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="paper a's alpha: prefill-stall share vs decode-slowdown"
+    )
+    kv_weight: float = Field(default=1.0, ge=0.0, description="weight of the KV-overflow (preemption) risk")
+    max_seqs: int | None = Field(
+        default=None, ge=1, description="batch slots per endpoint; default: the profile's max_num_seqs"
+    )
+    hold: bool = Field(
+        default=True, description="hold requests at the router while every endpoint's batch is full"
+    )
+    window: int = Field(default=1024, ge=1, le=8192, description="held requests considered per round")
+    aging_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="a held request's priority improves by its predicted cost every aging_s seconds waited",
+    )
+    max_hold_s: float = Field(
+        default=30.0, gt=0.0, description="a request held this long is released first, whatever its cost"
+    )
+
+
+class ImpactPolicy(Policy):
+    """Minimise own latency plus weighted impact on others; late-bind when saturated."""
+
+    name = "impact"
+
+    def __init__(self, params: ImpactParams, ctx: PolicyContext, *, oracle: bool = False) -> None:
+        self.p = params
+        self.rng = ctx.rng
+        profile = self._profile(params, ctx)
+        self.estimator = ImpactEstimator(CostModel(profile.step), profile.engine, max_seqs=params.max_seqs)
+        pred_cfg = PredictorConfig.parse(params.predictor)
+        if oracle:
+            pred_cfg = pred_cfg.model_copy(update={"name": "oracle"})
+        self.predictor: LengthPredictor = build_predictor(pred_cfg, truth=ctx.truth)
+        self.queue_window = params.window if params.hold else 1
+        self._pred_sum: dict[int, float] = {}  # endpoint -> predicted output tokens in flight
+        self._expected: dict[int, float] = {}  # request id -> predicted output tokens
+        self._round_key: tuple[float, int] = (math.nan, -1)
+        self._release: set[int] = set()
+        self._heap: list[tuple[float, float, int]] = []
+        self._in_heap: set[int] = set()
+
+    @staticmethod
+    def _profile(params: ImpactParams, ctx: PolicyContext) -> Profile:
+        if params.profile is not None:
+            return load_profile(params.profile)
+        if ctx.profile is not None:
+            return ctx.profile
+        raise ConfigError("policy 'impact': no step-cost profile: set params.profile (e.g. a100-llama3-8b)")
+
+    # ------------------------------------------------------------------ helpers
+    def _expected_len(self, req: Request) -> float:
+        if req.prediction is None:
+            req.prediction = self.predictor.predict(req)
+        return max(1.0, req.prediction.expected_tokens)
+
+    def _remaining(self, ep: EndpointState) -> float:
+        return max(0.0, self._pred_sum.get(ep.index, 0.0) - ep.inflight_output_tokens)
+
+    def _free_slots(self, ep: EndpointState) -> int:
+        # the router's own in-flight count is exact and fresh (gauges lag up to a scrape)
+        return self.estimator.max_seqs - ep.inflight
+
+    def _score(self, req: Request, ep: EndpointState) -> float:
+        est = self.estimator.estimate(
+            float(req.prompt_tokens), self._expected_len(req), ep, self._remaining(ep)
+        )
+        p = self.p
+        impact = p.alpha * est.prefill_stall + (1.0 - p.alpha) * est.decode_slowdown
+        return est.own_e2e + p.impact_weight * impact + p.kv_weight * est.kv_penalty
+
+    def _key(self, r: Request) -> float:
+        """Static release priority: log of the predicted cost, aged by arrival time
+        (``log(cost) - waited / aging_s`` orders requests the same way at any instant)."""
+        return math.log(self._expected_len(r) + r.prompt_tokens / 8.0) + r.arrival / self.p.aging_s
+
+    def _plan_round(self, view: PoolView) -> None:
+        """Once per dispatch round: which held requests to release into the free slots."""
+        free = sum(max(0, self._free_slots(ep)) for ep in view.endpoints if not ep.stale)
+        queue = view.queue
+        window = min(len(queue), self.queue_window)
+        if free >= window:
+            self._release = {queue[i].id for i in range(window)}
+            return
+        if free <= 0:
+            self._release = set()
+            return
+        heap = self._heap
+        for i in range(window):  # requests offered for the first time join the heap
+            r = queue[i]
+            if r.id not in self._in_heap:
+                self._in_heap.add(r.id)
+                heapq.heappush(heap, (self._key(r), r.arrival, r.id))
+        release: set[int] = set()
+        overdue = view.now - self.p.max_hold_s
+        for i in range(window):  # starvation bound first, oldest first
+            r = queue[i]
+            if r.arrival > overdue or len(release) >= free:
+                break
+            release.add(r.id)
+        skipped = []
+        while heap and len(release) < free:
+            item = heapq.heappop(heap)
+            if item[2] not in self._in_heap:
+                continue  # routed already (lazy deletion)
+            release.add(item[2])
+            skipped.append(item)
+        for item in skipped:  # keep them until they are actually routed
+            heapq.heappush(heap, item)
+        self._release = release
+
+    # ------------------------------------------------------------------ Policy
+    def decide(self, request: Request, view: PoolView) -> Decision:
+        eps = view.endpoints
+        if not eps:
+            return Hold("no endpoints")
+        if self.p.hold:
+            key = (view.now, len(view.queue))
+            if key != self._round_key:
+                self._round_key = key
+                self._plan_round(view)
+            if request.id not in self._release:
+                return Hold("saturated: released by predicted cost")
+        fresh = [ep for ep in eps if not ep.stale] or list(eps)
+        if self.p.hold:  # late binding: only endpoints with a free batch slot compete
+            fresh = [ep for ep in fresh if self._free_slots(ep) > 0] or fresh
+        best: list[tuple[float, float, int]] = []
+        for ep in fresh:
+            best.append((self._score(request, ep), self.rng.random(), ep.index))
+        best.sort()
+        order = tuple(i for _, _, i in best)
+        return Route(order)
+
+    def on_assigned(self, request: Request, endpoint: int, now: float) -> None:
+        e = self._expected_len(request)
+        self._expected[request.id] = e
+        self._pred_sum[endpoint] = self._pred_sum.get(endpoint, 0.0) + e
+        self._release.discard(request.id)
+        self._in_heap.discard(request.id)
+        if len(self._heap) > 4 * (len(self._in_heap) + 64):  # drop routed entries in bulk
+            self._heap = [x for x in self._heap if x[2] in self._in_heap]
+            heapq.heapify(self._heap)
+        self._round_key = (math.nan, -1)  # the view changed: re-plan on the next decision
+
+    def on_completed(self, request: Request, endpoint: int, output_tokens: int, now: float) -> None:
+        e = self._expected.pop(request.id, 0.0)
+        left = self._pred_sum.get(endpoint, 0.0) - e
+        self._pred_sum[endpoint] = left if left > 1e-6 else 0.0
+        self.predictor.observe(request, output_tokens)
+
+
+def register_impact(reg: PolicyRegistry) -> None:
+    reg.register(
+        "impact",
+        ImpactParams,
+        lambda p, ctx: ImpactPolicy(p, ctx),
+        "own latency + weighted impact on requests already there (paper a); late binding when full",
+    )
+    reg.register(
+        "impact-oracle",
+        ImpactParams,
+        lambda p, ctx: ImpactPolicy(p, ctx, oracle=True),
+        "impact with the true output lengths (lab only: the ceiling)",
+        lab_only=True,
+    )

@@ -1,0 +1,174 @@
+"""The latency-impact estimator and the ``impact`` policy."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from llmpool.lab.sim import SimConfig, Simulator
+from llmpool.lab.workload import WorkloadItem
+from llmpool.routing import ConfigError, PolicyContext, builtin_registry
+from llmpool.routing.impact import CostModel, ImpactEstimator
+from llmpool.routing.profile import load_profile
+from llmpool.routing.types import EndpointState, PoolView, Request, Route
+
+A100 = load_profile("a100-llama3-8b")
+S = A100.step
+
+
+def lin(n: float) -> float:
+    return S.overhead_ms * 1e-3 + max(
+        S.linear.c0_ms * 1e-3, S.linear.c1_ms * 1e-3 + S.linear.c2_us_per_token * 1e-6 * n
+    )
+
+
+def ctx(seed: int = 0, truth: dict[int, int] | None = None) -> PolicyContext:
+    return PolicyContext(rng=random.Random(seed), truth=truth.get if truth else None, profile=A100)
+
+
+def ep(
+    index: int, running: int = 0, waiting: int = 0, kv_tokens: int = 0, cap: int = 400_000
+) -> EndpointState:
+    return EndpointState(
+        index=index,
+        name=f"e{index}",
+        running=running,
+        waiting=waiting,
+        kv_usage=kv_tokens / cap,
+        kv_capacity_tokens=cap,
+        inflight=running + waiting,
+    )
+
+
+def test_cost_model_matches_profile_arithmetic() -> None:
+    c = CostModel(S)
+    assert c.lin(1) == pytest.approx(lin(1))
+    assert c.lin(500) == pytest.approx(lin(500))
+    a = S.decode_attention_ns_per_context_token * 1e-9
+    f = 1 + S.attention_batching_overhead
+    assert c.decode_step(1, 1000) == pytest.approx(lin(1) + a * 1000)
+    assert c.decode_step(8, 8000) == pytest.approx(lin(8) + f * a * 8000)
+    # a 600-token prompt next to 10 decodes with a 2048 budget: one step carrying it
+    extra = lin(610) - lin(10) + f * S.prefill_attention_ns_per_pair * 1e-9 * 600 * 600 / 2
+    assert c.prefill_extra(600, 10, 2048) == pytest.approx(extra)
+
+
+def test_estimator_on_an_idle_endpoint_is_the_lone_request_arithmetic() -> None:
+    est = ImpactEstimator(CostModel(S), A100.engine).estimate(500, 100, ep(0), 0.0)
+    a = S.decode_attention_ns_per_context_token * 1e-9
+    prefill = lin(500) - lin(0) + S.prefill_attention_ns_per_pair * 1e-9 * 500 * 500 / 2
+    assert est.ttft == pytest.approx(prefill + lin(1))
+    assert est.decode == pytest.approx(99 * (lin(1) + a * (500 + 50)))
+    assert est.prefill_stall == 0.0 and est.decode_slowdown == 0.0 and est.kv_penalty == 0.0
+
+
+def test_estimator_impact_on_others_hand_case() -> None:
+    c = CostModel(S)
+    e = ep(0, running=20, kv_tokens=20_000)
+    est = ImpactEstimator(c, A100.engine).estimate(300, 50, e, remaining_others=4000.0)
+    # prefill stall: 20 running decodes each wait for the prefill's extra step time
+    assert est.prefill_stall == pytest.approx(20 * c.prefill_extra(300, 20, 2048))
+    # decode slowdown: one more sequence per step for min(remaining, 20 * 50) overlapping steps
+    delta = c.decode_step(21, 20_300) - c.decode_step(20, 20_000)
+    assert est.decode_slowdown == pytest.approx(delta * min(4000.0, 20 * 50))
+    # a busier endpoint costs the newcomer more and hurts more requests
+    busier = ImpactEstimator(c, A100.engine).estimate(300, 50, ep(1, running=60, kv_tokens=60_000), 12000.0)
+    assert busier.own_e2e > est.own_e2e and busier.prefill_stall > est.prefill_stall
+
+
+def test_kv_pressure_penalty_only_when_overflowing() -> None:
+    c = CostModel(S)
+    est = ImpactEstimator(c, A100.engine)
+    assert est.estimate(1000, 500, ep(0, running=4, kv_tokens=1000, cap=10_000), 500.0).kv_penalty == 0.0
+    tight = est.estimate(1000, 500, ep(0, running=4, kv_tokens=9_000, cap=10_000), 500.0)
+    assert tight.kv_penalty > 0.0
+
+
+def test_impact_prefers_the_endpoint_where_it_hurts_least() -> None:
+    pol = builtin_registry().build({"name": "impact", "params": {"hold": False}}, ctx())
+    eps = [
+        ep(0, running=100, kv_tokens=150_000),
+        ep(1, running=5, kv_tokens=5_000),
+        ep(2, running=50, kv_tokens=60_000),
+    ]
+    r = Request(id=1, arrival=0.0, prompt_tokens=800)
+    d = pol.decide(r, PoolView(now=0.0, endpoints=eps, queue=(r,)))
+    assert isinstance(d, Route)
+    assert d.endpoints == (1, 2, 0)
+
+
+def test_hold_when_saturated_and_release_shortest_predicted_first() -> None:
+    truth = {1: 2000, 2: 10, 3: 500}
+    pol = builtin_registry().build(
+        {"name": "impact-oracle", "params": {"max_seqs": 4, "aging_s": 1000.0}}, ctx(truth=truth)
+    )
+    full = [ep(0, running=4), ep(1, running=4)]
+    reqs = tuple(Request(id=i, arrival=0.0, prompt_tokens=100) for i in (1, 2, 3))
+    view = PoolView(now=0.1, endpoints=full, queue=reqs)
+    assert all(not isinstance(pol.decide(r, view), Route) for r in reqs)
+    # one slot frees up: the shortest predicted request (id 2) goes first
+    full[1].inflight = 3
+    view = PoolView(now=0.2, endpoints=full, queue=reqs)
+    decisions = {r.id: pol.decide(r, view) for r in reqs}
+    assert isinstance(decisions[2], Route) and decisions[2].endpoints[0] == 1
+    assert not isinstance(decisions[1], Route) and not isinstance(decisions[3], Route)
+
+
+def test_starvation_bound_releases_old_requests_first() -> None:
+    truth = {1: 4000, 2: 10}
+    pol = builtin_registry().build(
+        {"name": "impact-oracle", "params": {"max_seqs": 4, "max_hold_s": 5.0}}, ctx(truth=truth)
+    )
+    eps = [ep(0, running=3)]
+    old = Request(id=1, arrival=0.0, prompt_tokens=100)
+    new = Request(id=2, arrival=9.0, prompt_tokens=100)
+    view = PoolView(now=10.0, endpoints=eps, queue=(old, new))
+    assert isinstance(pol.decide(old, view), Route)  # held 10 s > max_hold_s: it goes first
+
+
+def test_impact_through_the_simulator_finishes_everything_and_learns() -> None:
+    rng = random.Random(3)
+    items = []
+    t = 0.0
+    for i in range(400):
+        t += rng.expovariate(200.0)
+        items.append(
+            WorkloadItem(Request(id=i, arrival=t, prompt_tokens=rng.randint(20, 600)), rng.randint(1, 400))
+        )
+    pol = builtin_registry().build({"name": "impact", "params": {"max_seqs": 16}}, ctx())
+    res = Simulator(A100, pol, SimConfig(instances=2)).run(items)
+    assert res.summary.requests == 400 and res.summary.rejected == 0
+    assert res.summary.router_wait_mean_s > 0  # it did hold at the router
+    mean_out = sum(it.output_tokens for it in items) / len(items)
+    pred = pol.predictor.predict(Request(id=10**6, arrival=0.0, prompt_tokens=100))  # type: ignore[attr-defined]
+    assert math.isclose(pred.expected_tokens, mean_out, rel_tol=0.35)
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"impact_weight": -1}, "impact_weight"),
+        ({"alpha": 2}, "alpha"),
+        ({"window": 0}, "window"),
+        ({"bogus": 1}, "bogus"),
+        ({"predictor": {"name": "nope"}}, "nope"),
+        ({"profile": "no-such-profile"}, "no-such-profile"),
+    ],
+)
+def test_bad_params_are_rejected_with_one_line(params: dict[str, object], needle: str) -> None:
+    with pytest.raises((ConfigError, ValueError)) as err:
+        builtin_registry().build({"name": "impact", "params": params}, ctx())
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_oracle_needs_the_labs_truth() -> None:
+    with pytest.raises(ConfigError, match="oracle"):
+        builtin_registry().build("impact-oracle", PolicyContext(rng=random.Random(0), profile=A100))
+
+
+def test_no_profile_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="profile"):
+        builtin_registry().build("impact", PolicyContext(rng=random.Random(0)))
