@@ -86,6 +86,7 @@ class EngineStats:
     kv_usage: float
     kv_capacity_tokens: int
     kv_tokens: int
+    output_tokens: int  # generated so far by the requests still on the engine
 
 
 class Engine:
@@ -107,6 +108,7 @@ class Engine:
         self.cached_blocks = 0  # all blocks held by the cache
         self.pinned_blocks = 0  # blocks of cache entries with refcount > 0
         self.ctx_tokens = 0  # sum of computed tokens over running requests
+        self.out_tokens = 0  # sum of generated tokens over requests on this engine
         # scheduled work of the current general step
         self.sched: list[tuple[EngineRequest, int]] = []
         # current fast-forward segment (decode-only): steps, seqs, S0 and block-need histogram
@@ -311,6 +313,7 @@ class Engine:
             if r.computed == r.prompt + r.generated:
                 r.generated += 1
                 self.generation_tokens_total += 1
+                self.out_tokens += 1
                 if r.first_ps < 0:
                     r.first_ps = end_ps
                 if was_prefilling and r.computed >= r.prompt:
@@ -328,6 +331,7 @@ class Engine:
                 r.finish_ps = end_ps
                 self.ctx_tokens -= r.computed
                 self._release(r)
+                self.out_tokens -= r.generated
                 self.finished_total += 1
                 self.prompt_tokens_total += r.prompt
                 finished.append(r)
@@ -439,6 +443,7 @@ class Engine:
                 done = True
         self.ctx_tokens += self.seg_n * j
         self.generation_tokens_total += self.seg_n * j
+        self.out_tokens += self.seg_n * j
         if done:
             self._finish_done(end_ps, finished)
 
@@ -446,26 +451,22 @@ class Engine:
         return _blocks_needed(self.seg_cnt, self.bs, j) if self.seg_n else 0
 
     # ------------------------------------------------------------------ observation
-    def output_tokens_in_flight(self, seg_offset: int = 0) -> int:
-        """Output tokens generated so far by requests still on this engine."""
-        total = sum(r.generated for r in self.running) + sum(r.generated for r in self.waiting)
-        if self.seg_n:
-            total += self.seg_n * seg_offset
-        return total
-
     def stats(self, seg_steps_done: int = 0, seg_steps_alloc: int = 0) -> EngineStats:
         """Gauges as of now; inside a segment pass the steps done and allocated so far."""
         used = self.used_blocks + self.pinned_blocks
         kv_tokens = self.ctx_tokens
+        out = self.out_tokens
         if seg_steps_alloc and self.seg_n:
             used += self.segment_blocks_at(seg_steps_alloc)
             kv_tokens += self.seg_n * seg_steps_done
+            out += self.seg_n * seg_steps_done
         return EngineStats(
             running=len(self.running),
             waiting=len(self.waiting),
             kv_usage=min(1.0, used / (self.total_blocks - 1)),
             kv_capacity_tokens=self.capacity_tokens,
             kv_tokens=kv_tokens,
+            output_tokens=out,
         )
 
 
@@ -495,6 +496,9 @@ class StepGroup:
         self.start_ps = 0
         self.end_ps = 0
         self.version = 0  # bumped whenever end_ps changes (lazy heap invalidation)
+        self._memo_t = -1
+        self._memo_v = -1
+        self._memo_j = 0
         # segment
         self.seg_k = 0  # 0: a general step is planned
         self.seg_b = 0
@@ -602,7 +606,13 @@ class StepGroup:
         """Segment steps that have ended by ``now_ps`` (steps ending at now count)."""
         if not self.busy or self.seg_k == 0:
             return 0
-        off = now_ps - self.start_ps
+        if self._memo_t == now_ps and self._memo_v == self.version:
+            return self._memo_j
+        j = self._steps_done(now_ps - self.start_ps)
+        self._memo_t, self._memo_v, self._memo_j = now_ps, self.version, j
+        return j
+
+    def _steps_done(self, off: int) -> int:
         if self.seg_cum is not None:
             return int(np.searchsorted(self.seg_cum, off, side="right"))
         # Invert the closed form: (A n / 2) j^2 + (B + A S0 - A n / 2) j <= off, then fix up
@@ -681,6 +691,14 @@ class StepGroup:
             j = self.steps_done(now_ps)
             return e.stats(j, min(j + 1, self.seg_k))
         return e.stats()
+
+    def all_stats(self, now_ps: int) -> list[EngineStats]:
+        """Every rank's gauges at ``now_ps`` (one segment lookup for the whole group)."""
+        if self.busy and self.seg_k:
+            j = self.steps_done(now_ps)
+            alloc = min(j + 1, self.seg_k)
+            return [e.stats(j, alloc) if e.seg_n else e.stats() for e in self.engines]
+        return [e.stats() for e in self.engines]
 
     def generated_offset(self, now_ps: int) -> int:
         """Decode tokens each running request has produced in the segment so far."""

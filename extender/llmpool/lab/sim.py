@@ -151,17 +151,19 @@ class Simulator:
 
     def _scrape(self, now_ps: int) -> None:
         now_s = now_ps / PS_PER_S
-        for idx, st in enumerate(self.endpoints):
-            s = self.ep_group[idx].engine_stats(st.rank, now_ps)
-            st.running = s.running
-            st.waiting = s.waiting
-            st.kv_usage = s.kv_usage
-            st.inflight_output_tokens = self.ep_engine[idx].output_tokens_in_flight(
-                self.ep_group[idx].generated_offset(now_ps)
-            )
-            st.scraped_at = now_s
-            st.pending_since_scrape = 0
-            st.pending_tokens_since_scrape = 0
+        endpoints = self.endpoints
+        idx = 0
+        for group in self.groups:
+            for s in group.all_stats(now_ps):
+                st = endpoints[idx]
+                st.running = s.running
+                st.waiting = s.waiting
+                st.kv_usage = s.kv_usage
+                st.inflight_output_tokens = s.output_tokens
+                st.scraped_at = now_s
+                st.pending_since_scrape = 0
+                st.pending_tokens_since_scrape = 0
+                idx += 1
         self.last_scrape_ps = now_ps
 
     # ------------------------------------------------------------------ run

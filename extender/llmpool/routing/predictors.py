@@ -814,7 +814,9 @@ class OraclePredictor(LengthPredictor):
 
 
 class PerModelPredictor(LengthPredictor):
-    """One child predictor per ``request.model``, built by ``factory`` on first sight.
+    """One child predictor per ``request.model`` (or per model and task hint, with
+    ``per_task``), built by ``factory`` on first sight. The task hint is ``request.task``:
+    what the application says the request is (paper a's "task hint"; a header in the picker).
 
     At most ``max_models`` children are kept; the least recently predicted or observed model is
     dropped first (it starts again from the prior if it comes back). Memory is at most
@@ -823,10 +825,13 @@ class PerModelPredictor(LengthPredictor):
 
     name = "per-model"
 
-    def __init__(self, factory: Callable[[], LengthPredictor], max_models: int = 64) -> None:
+    def __init__(
+        self, factory: Callable[[], LengthPredictor], max_models: int = 64, *, per_task: bool = False
+    ) -> None:
         if max_models < 1:
             raise ConfigError(f"max_models must be at least 1, got {max_models}")
         self._factory = factory
+        self._per_task = per_task
         self._max_models = max_models
         self._children: OrderedDict[str, LengthPredictor] = OrderedDict()
         self._spare: LengthPredictor | None = factory()
@@ -859,20 +864,24 @@ class PerModelPredictor(LengthPredictor):
         self._children.move_to_end(model)
         return c
 
+    def _key(self, request: Request) -> str:
+        return f"{request.model}\x00{request.task}" if self._per_task else request.model
+
     def predict(self, request: Request) -> LengthPrediction:
-        return self._use(request.model).predict(request)
+        return self._use(self._key(request)).predict(request)
 
     def termination(self, request: Request, age: int, horizon: int) -> tuple[float, float]:
-        c = self._children.get(request.model)
+        key = self._key(request)
+        c = self._children.get(key)
         if c is None:
-            c = self._create(request.model)
+            c = self._create(key)
         return c.termination(request, age, horizon)
 
     def expected_remaining(self, request: Request, age: int) -> float:
-        return self.child(request.model).expected_remaining(request, age)
+        return self.child(self._key(request)).expected_remaining(request, age)
 
     def observe(self, request: Request, output_tokens: int) -> None:
-        self._use(request.model).observe(request, output_tokens)
+        self._use(self._key(request)).observe(request, output_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,6 +896,7 @@ class PredictorConfig(BaseModel):
 
     name: str = Field(min_length=1)
     per_model: bool = True
+    per_task: bool = False
     max_models: int = Field(default=64, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -964,8 +974,8 @@ def build_predictor(
     def factory() -> LengthPredictor:
         return build(params, truth)
 
-    if cfg.per_model:
-        return PerModelPredictor(factory, cfg.max_models)
+    if cfg.per_model or cfg.per_task:
+        return PerModelPredictor(factory, cfg.max_models, per_task=cfg.per_task)
     return factory()
 
 
