@@ -133,6 +133,8 @@ def _run_job(job: _Job) -> dict[str, Any]:
     sc = plan.scenario
     workload = _workload(plan, job.rate, job.seed)
     profile = load_profile(sc.profile)
+    if sc.engine_overrides:
+        profile = profile.model_copy(update={"engine": profile.engine.with_overrides(**sc.engine_overrides)})
     truth = {it.request.id: it.output_tokens for it in workload.items}.get
     ctx = PolicyContext(rng=make_rng(job.seed, "policy"), truth=truth, profile=profile)
     policy = builtin_registry().build(job.policy, ctx)

@@ -14,6 +14,9 @@ BASELINES: tuple[str, ...] = (
     "least-kv",
     "gie-default",
 )
+WORKLOAD_AWARE: tuple[str, ...] = ("impact", "br0", "brh")
+ORACLES: tuple[str, ...] = ("impact-oracle", "brh-oracle")  # lab only: the ceilings
+DEFAULT_POLICIES: tuple[str, ...] = BASELINES + WORKLOAD_AWARE
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +33,7 @@ class Scenario:
     group_size: int = 1
     seeds: int = 5
     quick_seeds: int = 2
-    policies: tuple[str, ...] = BASELINES
+    policies: tuple[str, ...] = DEFAULT_POLICIES
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:

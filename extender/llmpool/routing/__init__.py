@@ -24,6 +24,7 @@ from llmpool.routing.types import (
 
 def builtin_registry() -> PolicyRegistry:
     """A fresh registry holding every policy that ships with LLMPool."""
+    from llmpool.routing.balanceroute import register_balanceroute
     from llmpool.routing.baselines import register_baselines
     from llmpool.routing.gie import register_gie
     from llmpool.routing.impact import register_impact
@@ -32,6 +33,7 @@ def builtin_registry() -> PolicyRegistry:
     register_baselines(reg)
     register_gie(reg)
     register_impact(reg)
+    register_balanceroute(reg)
     return reg
 
 

@@ -146,7 +146,7 @@ class ImpactParams(PolicyParams):
     """Parameters of ``impact`` (see docs/policies.md)."""
 
     predictor: dict[str, Any] | str = Field(
-        default_factory=lambda: {"name": "survival", "per_model": True},
+        default_factory=lambda: {"name": "survival", "per_model": True, "per_task": True},
         description="length predictor config: {name: survival|exact-match|oracle, per_model, params}",
     )
     profile: str | None = Field(
