@@ -55,7 +55,7 @@ class PolicyConfig(BaseModel):
         try:
             return cls.model_validate(spec)
         except ValidationError as err:
-            raise ConfigError(f"invalid policy config: {_one_line(err)}") from None
+            raise ConfigError(f"invalid policy config: {validation_message(err)}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +156,9 @@ class PolicyRegistry:
             params = spec.params_model.model_validate(cfg.params)
         except ValidationError as err:
             fields = ", ".join(spec.params_model.model_fields) or "none"
-            raise ConfigError(f"policy {cfg.name!r}: {_one_line(err)} (parameters: {fields})") from None
+            raise ConfigError(
+                f"policy {cfg.name!r}: {validation_message(err)} (parameters: {fields})"
+            ) from None
         return spec, params
 
     def build(self, config: PolicyConfig | str | dict[str, Any], ctx: PolicyContext) -> Policy:
@@ -164,7 +166,8 @@ class PolicyRegistry:
         return spec.factory(params, ctx)
 
 
-def _one_line(err: ValidationError) -> str:
+def validation_message(err: ValidationError) -> str:
+    """A pydantic validation error as one readable line (``field: problem; ...``)."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "value"

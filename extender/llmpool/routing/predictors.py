@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmpool.routing.policy import ConfigError, PolicyParams
+from llmpool.routing.policy import ConfigError, PolicyParams, validation_message
 from llmpool.routing.types import LengthPrediction, Request
 
 __all__ = [
@@ -910,7 +910,7 @@ class PredictorConfig(BaseModel):
         try:
             return cls.model_validate(spec)
         except ValidationError as err:
-            raise ConfigError(f"invalid predictor config: {_one_line(err)}") from None
+            raise ConfigError(f"invalid predictor config: {validation_message(err)}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -968,7 +968,9 @@ def build_predictor(
         params = spec.params_model.model_validate(cfg.params)
     except ValidationError as err:
         fields = ", ".join(spec.params_model.model_fields)
-        raise ConfigError(f"predictor {cfg.name!r}: {_one_line(err)} (parameters: {fields})") from None
+        raise ConfigError(
+            f"predictor {cfg.name!r}: {validation_message(err)} (parameters: {fields})"
+        ) from None
     build = spec.build
 
     def factory() -> LengthPredictor:
@@ -977,11 +979,3 @@ def build_predictor(
     if cfg.per_model or cfg.per_task:
         return PerModelPredictor(factory, cfg.max_models, per_task=cfg.per_task)
     return factory()
-
-
-def _one_line(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "value"
-        parts.append(f"{loc}: {e['msg']}")
-    return "; ".join(parts)
