@@ -128,3 +128,26 @@ def test_trace_replay_at_own_pace_and_rescaled(tmp_path: Path) -> None:
         row = json.loads(out.read_text())["results"][0]
         assert row["requests"] == 50
         assert row["rate"] == pytest.approx(rate, rel=1e-6)
+
+
+def test_policy_specs_with_json_params() -> None:
+    from llmpool.lab.bench import policy_config, split_policies
+
+    specs = split_policies('round-robin, br0:{"window": 8, "r_max": 2},impact:{"hold": false}')
+    assert specs == ["round-robin", 'br0:{"window": 8, "r_max": 2}', 'impact:{"hold": false}']
+    assert policy_config(specs[1]) == {"name": "br0", "params": {"window": 8, "r_max": 2}}
+    assert policy_config("p2c") == {"name": "p2c"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ('br0:{"window": 0}', "window"),
+        ("br0:{nope", "not valid JSON"),
+        ("br0:[1]", "JSON object"),
+    ],
+)
+def test_bad_policy_params_on_the_command_line(spec: str, needle: str) -> None:
+    r = llmpool("bench", "--scenario", "gie", "--policies", spec)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a trace file (Azure 2023/2024 CSV, Mooncake JSONL, BurstGPT CSV, ShareGPT lengths CSV; "
         "format detected from content) or a synthetic spec name, instead of the scenario's workload",
     )
-    b.add_argument("--policies", help="comma-separated policy names (default: the scenario's set)")
+    b.add_argument(
+        "--policies",
+        help="comma-separated policies, each a name or name:{JSON params}, e.g. "
+        "'round-robin,br0:{\"kv_admit_threshold\": 1.0}' (default: the scenario's set)",
+    )
     b.add_argument("--instances", type=_positive_int, help="number of endpoints (default: the scenario's)")
     b.add_argument(
         "--rate",
@@ -113,7 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     plan = bench.make_plan(
         args.scenario,
-        policies=[x.strip() for x in args.policies.split(",") if x.strip()] if args.policies else None,
+        policies=bench.split_policies(args.policies) if args.policies else None,
         rate=args.rate,
         seeds=args.seeds,
         instances=args.instances,

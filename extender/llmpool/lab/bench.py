@@ -7,6 +7,7 @@ mean and standard deviation over seeds, and as % change against round-robin.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -31,6 +32,36 @@ REFERENCE = "round-robin"
 
 class BenchError(ValueError):
     """Bad bench arguments; ``str()`` is one line."""
+
+
+def split_policies(text: str) -> list[str]:
+    """Split ``--policies`` on commas outside braces: ``a,b:{"x": 1, "y": 2}`` -> 2 specs."""
+    out: list[str] = []
+    depth = 0
+    cur: list[str] = []
+    for ch in text:
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        depth += (ch == "{") - (ch == "}")
+        cur.append(ch)
+    out.append("".join(cur).strip())
+    return [s for s in out if s]
+
+
+def policy_config(spec: str) -> dict[str, Any]:
+    """``name`` or ``name:{json params}`` -> a policy config mapping."""
+    name, sep, params = spec.partition(":")
+    if not sep:
+        return {"name": name.strip()}
+    try:
+        parsed = json.loads(params)
+    except json.JSONDecodeError as err:
+        raise BenchError(f"policy {spec!r}: parameters are not valid JSON ({err.msg})") from None
+    if not isinstance(parsed, dict):
+        raise BenchError(f"policy {spec!r}: parameters must be a JSON object")
+    return {"name": name.strip(), "params": parsed}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +110,7 @@ def make_plan(
         raise BenchError("--policies is empty")
     for p in pols:
         try:
-            reg.validate(p)
+            reg.validate(policy_config(p))
         except ConfigError as err:
             raise BenchError(str(err)) from None
     if rate is not None and not (math.isfinite(rate) and rate > 0):
@@ -137,7 +168,7 @@ def _run_job(job: _Job) -> dict[str, Any]:
         profile = profile.model_copy(update={"engine": profile.engine.with_overrides(**sc.engine_overrides)})
     truth = {it.request.id: it.output_tokens for it in workload.items}.get
     ctx = PolicyContext(rng=make_rng(job.seed, "policy"), truth=truth, profile=profile)
-    policy = builtin_registry().build(job.policy, ctx)
+    policy = builtin_registry().build(policy_config(job.policy), ctx)
     cfg = SimConfig(
         instances=plan.instances, group_size=sc.group_size, engine_overrides=dict(sc.engine_overrides)
     )
