@@ -105,8 +105,9 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     from llmpool.routing import builtin_registry
 
     for spec in builtin_registry():
-        params = ", ".join(f"{k}={f.default!r}" for k, f in spec.params_model.model_fields.items())
-        print(f"{spec.name:16s} {spec.summary}" + (f"  [{params}]" if params else ""))
+        params = ", ".join(f"{k}={v!r}" for k, v in spec.params_model().model_dump().items())
+        lab = " [lab only]" if spec.lab_only and "lab only" not in spec.summary else ""
+        print(f"{spec.name:16s} {spec.summary}{lab}" + (f"  [{params}]" if params else ""))
     return 0
 
 
