@@ -127,7 +127,8 @@ def test_trace_replay_at_own_pace_and_rescaled(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         row = json.loads(out.read_text())["results"][0]
         assert row["requests"] == 50
-        assert row["rate"] == pytest.approx(rate, rel=1e-6)
+        assert row["measured_rate"] == pytest.approx(rate, rel=1e-6)
+        assert row["rate"] == (None if not extra else rate)
 
 
 def test_policy_specs_with_json_params() -> None:

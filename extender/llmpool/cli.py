@@ -118,7 +118,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     plan = bench.make_plan(
         args.scenario,
-        policies=bench.split_policies(args.policies) if args.policies else None,
+        policies=bench.split_policies(args.policies) if args.policies is not None else None,
         rate=args.rate,
         seeds=args.seeds,
         instances=args.instances,
@@ -127,7 +127,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         quick=args.quick,
     )
     if args.json:
-        _check_writable(Path(args.json).parent or Path("."), "--json")
+        out = Path(args.json)
+        _check_writable(out.parent or Path("."), "--json")
+        if out.is_dir():
+            raise _UsageError(f"--json: {out} is a directory; give a file path")
     total = len(plan.rates) * plan.seeds * len(plan.policies)
     jobs = args.jobs or bench.default_jobs()
     print(
@@ -142,10 +145,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def on_result(row: dict[str, Any]) -> None:
         done[0] += 1
         bar.update(1)
-        bar.set_postfix_str(f"{row['policy']} seed {row['seed']} rate {row['rate']:g}")
+        load = bench.rate_label(bench.rate_key(row))
+        bar.set_postfix_str(f"{row['policy']} seed {row['seed']} {load}")
         if bar.disable:
             print(
-                f"  [{done[0]}/{total}] {row['policy']} seed {row['seed']} rate {row['rate']:g}: "
+                f"  [{done[0]}/{total}] {row['policy']} seed {row['seed']} {load}: "
                 f"E2E mean {row['e2e_mean_s']:.3f}s",
                 file=sys.stderr,
             )

@@ -105,7 +105,7 @@ def make_plan(
         raise BenchError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
     sc = SCENARIOS[scenario]
     reg = builtin_registry()
-    pols = tuple(policies) if policies else sc.policies
+    pols = tuple(policies) if policies is not None else sc.policies
     if not pols:
         raise BenchError("--policies is empty")
     for p in pols:
@@ -175,10 +175,12 @@ def _run_job(job: _Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = Simulator(profile, policy, cfg).run(workload.items)
     wall = time.perf_counter() - t0
+    measured = workload.mean_rate()
     row: dict[str, Any] = {
         "policy": job.policy,
         "seed": job.seed,
-        "rate": job.rate if job.rate is not None else round(workload.mean_rate(), 4),
+        "rate": job.rate,  # requested rate; None = a trace at its own pace
+        "measured_rate": round(measured, 4) if math.isfinite(measured) else None,
         **result.summary.to_dict(),
         "sim_wall_s": round(wall, 3),
     }
@@ -251,12 +253,21 @@ TABLE_COLUMNS: tuple[tuple[str, str, float], ...] = (
 )
 
 
+def rate_key(row: dict[str, Any]) -> float:
+    """The load a row belongs to: its requested rate, or 0.0 for a trace at its own pace."""
+    return float(row["rate"]) if row["rate"] is not None else 0.0
+
+
+def rate_label(rate: float) -> str:
+    return f"rate {rate:g} req/s" if rate else "trace at its own pace"
+
+
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[float, dict[str, dict[str, tuple[float, float]]]]:
     """rate -> policy -> metric -> (mean, std over seeds)."""
     out: dict[float, dict[str, dict[str, tuple[float, float]]]] = {}
     groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((float(r["rate"]), r["policy"]), []).append(r)
+        groups.setdefault((rate_key(r), r["policy"]), []).append(r)
     for (rate, pol), rs in groups.items():
         stats: dict[str, tuple[float, float]] = {}
         for key in rs[0]:
@@ -264,6 +275,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[float, dict[str, dict[str,
                 continue
             vals = [x[key] for x in rs]
             if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+                continue
+            if not all(math.isfinite(v) for v in vals):
                 continue
             fl = [float(v) for v in vals]
             stats[key] = (statistics.fmean(fl), statistics.stdev(fl) if len(fl) > 1 else 0.0)
@@ -290,7 +303,7 @@ def format_tables(plan: BenchPlan, rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"\n{plan.scenario.name}: {plan.instances} instances"
             + (f" (barrier groups of {plan.scenario.group_size})" if plan.scenario.group_size > 1 else "")
-            + f", {plan.workload}, rate {rate:g} req/s, {plan.seeds} seed(s), mean±std over seeds"
+            + f", {plan.workload}, {rate_label(rate)}, {plan.seeds} seed(s), mean±std over seeds"
         )
         header = ["policy"] + [c[1] for c in TABLE_COLUMNS] + ["ΔE2E vs RR", "Δtput(arr) vs RR"]
         table = [header]
@@ -341,11 +354,11 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
     label = plan.scenario.name
     if plan.workload != plan.scenario.workload:
         label += "-" + Path(plan.workload).name.split(".")[0]
-    rates = sorted({float(r["rate"]) for r in rows})
+    rates = sorted({rate_key(r) for r in rows})
     for rate in rates:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for r in rows:
-            if float(r["rate"]) != rate or "_e2e" not in r:
+            if rate_key(r) != rate or "_e2e" not in r:
                 continue
             for ax, key in zip(axes, ("_e2e", "_ttft"), strict=True):
                 x = np.sort(r[key])
@@ -355,11 +368,11 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
             ax.set_xscale("log")
             ax.set_xlabel("seconds")
             ax.set_ylabel("fraction of requests")
-            ax.set_title(f"{title} CDF, {label} @ {rate:g} req/s (seed 0)")
+            ax.set_title(f"{title} CDF, {label}, {rate_label(rate)} (seed 0)")
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        path = outdir / f"{label}-cdf-{rate:g}.png"
+        path = outdir / f"{label}-cdf-{rate:g}.png" if rate else outdir / f"{label}-cdf.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

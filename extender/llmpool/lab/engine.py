@@ -156,7 +156,7 @@ class Engine:
     def _release(self, r: EngineRequest) -> None:
         self.used_blocks -= r.blocks
         r.blocks = 0
-        for key in r.shared:
+        for key in reversed(r.shared):  # the tail of a prefix is evicted first, as in vLLM
             ent = self.cache[key]
             ent[0] -= 1
             if ent[0] == 0:

@@ -66,12 +66,13 @@ class SimConfig:
 
 
 class _Flight:
-    __slots__ = ("dispatch_ps", "endpoint", "item")
+    __slots__ = ("dispatch_ps", "endpoint", "item", "scrape_epoch")
 
-    def __init__(self, item: SimItem, endpoint: int, dispatch_ps: int) -> None:
+    def __init__(self, item: SimItem, endpoint: int, dispatch_ps: int, scrape_epoch: int) -> None:
         self.item = item
         self.endpoint = endpoint
         self.dispatch_ps = dispatch_ps
+        self.scrape_epoch = scrape_epoch  # scrapes done before this request was sent
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ class Simulator:
         self.tick_ps = round(self.cfg.tick_s * PS_PER_S)
         self.sample_ps = round(self.cfg.sample_interval_s * PS_PER_S)
         self.last_scrape_ps = -(1 << 62)
+        self.scrape_epoch = 0
 
     # ------------------------------------------------------------------ view
     def _active_source(self, idx: int) -> Callable[[], Sequence[ActiveRequest]]:
@@ -165,6 +167,7 @@ class Simulator:
                 st.pending_tokens_since_scrape = 0
                 idx += 1
         self.last_scrape_ps = now_ps
+        self.scrape_epoch += 1
 
     # ------------------------------------------------------------------ run
     def run(
@@ -199,10 +202,14 @@ class Simulator:
         done_count = 0
         progress_every = 1000
 
+        arrivals_done = False
+
         def next_arrival() -> None:
-            nonlocal seq
+            nonlocal seq, arrivals_done
             item = next(it, None)
-            if item is not None:
+            if item is None:
+                arrivals_done = True
+            else:
                 t = round(item.request.arrival * PS_PER_S)
                 push(heap, (t, _ARRIVAL, seq, 0, item))
                 seq += 1
@@ -252,7 +259,7 @@ class Simulator:
                     item.output_tokens,
                     req.prefix_hashes,
                     req.hash_block_tokens,
-                    _Flight(item, idx, now_ps),
+                    _Flight(item, idx, now_ps, self.scrape_epoch),
                 )
                 engine.add(er, now_ps)
                 st = endpoints[idx]
@@ -298,7 +305,7 @@ class Simulator:
                     st = endpoints[fl.endpoint]
                     st.inflight -= 1
                     st.inflight_prompt_tokens -= r.prompt
-                    if fl.dispatch_ps > self.last_scrape_ps and st.pending_since_scrape > 0:
+                    if fl.scrape_epoch == self.scrape_epoch and st.pending_since_scrape > 0:
                         st.pending_since_scrape -= 1
                         st.pending_tokens_since_scrape -= r.prompt
                     policy.on_completed(req, fl.endpoint, r.generated, now_s)
@@ -332,6 +339,11 @@ class Simulator:
                 tick_pending = False
                 if queue_reqs:
                     dispatch(t)
+                    if queue_reqs and arrivals_done and not any(g.busy for g in self.groups):
+                        raise SimulationError(
+                            f"policy {policy.name!r} holds {len(queue_reqs)} request(s) on an idle "
+                            "pool with no arrivals left: it would wait forever"
+                        )
             else:  # _SAMPLE: KV-load imbalance across independent instances
                 sample_pending = False
                 busy = bool(queue_reqs)

@@ -243,6 +243,9 @@ class ImpactPolicy(Policy):
             self._release = set()
             return
         heap = self._heap
+        if len(self._in_heap) > 2 * len(queue) + 64:
+            # requests that left the queue without being routed (client gone, rejected)
+            self._in_heap &= {r.id for r in queue}
         for i in range(window):  # requests offered for the first time join the heap
             r = queue[i]
             if r.id not in self._in_heap:

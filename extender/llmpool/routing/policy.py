@@ -79,6 +79,14 @@ class Policy(abc.ABC):
     target first, then fallbacks) or :class:`~llmpool.routing.types.Hold`. The driver
     calls ``on_assigned`` once it has sent a request, and ``on_completed`` when the
     response ends with the number of output tokens observed.
+
+    Driver contract (the simulator keeps it; the live picker must too):
+
+    * one dispatch *round* offers held requests in arrival order with one frozen
+      ``view.now``; policies may cache a round's plan keyed by it;
+    * ``on_completed`` is called on every exit path of an assigned request, failures and
+      client disconnects included (with the tokens seen so far), so per-request state
+      never outlives the request.
     """
 
     name: ClassVar[str] = ""
