@@ -34,6 +34,8 @@ def llmpool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         (["bench", "--scenario", "gie", "--workload", "/no/such/trace.csv"], "no such file"),
         (["bench", "--scenario", "balanceroute", "--instances", "5"], "multiple"),
         (["bench"], "--scenario"),
+        (["bench", "--scenario", "gie", "--policies", ","], "--policies is empty"),
+        (["bench", "--scenario", "gie", "--json", "."], "is a directory"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from llmpool.lab.metrics import RequestLog, summarize
-from llmpool.lab.sim import RunResult, SimConfig, Simulator
+from llmpool.lab.sim import RunResult, SimConfig, SimulationError, Simulator
 from llmpool.lab.workload import FIVE_TASK_MIX, PREFIX_SHARING, WorkloadItem, synthetic
 from llmpool.routing import Hold, Policy, PolicyContext, PoolView, Request, Route, builtin_registry
 from llmpool.routing.profile import PS_PER_S, load_profile
@@ -677,3 +677,61 @@ def test_rejected_requests_are_counted_not_dropped(ff: bool) -> None:
     )
     assert list(res.log.rid) == [1]
     assert res.summary.rejected == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Review fixes: router-side accounting and holding forever
+# --------------------------------------------------------------------------------------------
+
+
+class CheckPending(Policy):
+    """Round-robin that checks pending_since_scrape against its own count of requests
+    assigned since the scrape the view shows and still in flight."""
+
+    name = "check-pending"
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.sent: dict[int, tuple[int, float]] = {}  # rid -> (endpoint, scraped_at at send)
+        self.mismatches = 0
+        self.checks = 0
+
+    def decide(self, request: Request, view: PoolView) -> Hold | Route:
+        for ep in view.endpoints:
+            expected = sum(1 for e, at in self.sent.values() if e == ep.index and at == ep.scraped_at)
+            self.checks += 1
+            self.mismatches += expected != ep.pending_since_scrape
+        ep_i = self.next % len(view.endpoints)
+        self.next += 1
+        self._last_scrape = view.endpoints[ep_i].scraped_at
+        return Route((ep_i,))
+
+    def on_assigned(self, request: Request, endpoint: int, now: float) -> None:
+        self.sent[request.id] = (endpoint, self._last_scrape)
+
+    def on_completed(self, request: Request, endpoint: int, output_tokens: int, now: float) -> None:
+        del self.sent[request.id]
+
+
+def test_pending_since_scrape_is_exact_with_slow_scrapes() -> None:
+    items = [item(i, i * 0.01, 50, 1 + (i % 3)) for i in range(300)]
+    pol = CheckPending()
+    res = Simulator(load_profile("a100-llama3-8b"), pol, SimConfig(instances=2, scrape_interval_s=2.0)).run(
+        items
+    )
+    assert res.summary.requests == 300
+    assert pol.checks > 500 and pol.mismatches == 0
+
+
+class HoldAlways(Policy):
+    name = "hold-always"
+
+    def decide(self, request: Request, view: PoolView) -> Hold | Route:
+        return Hold("never")
+
+
+def test_a_policy_that_holds_forever_is_an_error_not_a_hang() -> None:
+    with pytest.raises(SimulationError, match="wait forever"):
+        Simulator(load_profile("a100-llama3-8b"), HoldAlways(), SimConfig(instances=2)).run(
+            [item(0, 0.0, 10, 5)]
+        )
