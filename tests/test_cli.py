@@ -35,6 +35,7 @@ def llmpool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         (["bench", "--scenario", "balanceroute", "--instances", "5"], "multiple"),
         (["bench"], "--scenario"),
         (["bench", "--scenario", "gie", "--policies", ","], "--policies is empty"),
+        (["bench", "--scenario", "gie", "--policies", 'impact:{"predictor": {"name": "zzz"}}'], "zzz"),
         (["bench", "--scenario", "gie", "--json", "."], "is a directory"),
         (["frobnicate"], "invalid choice"),
     ],

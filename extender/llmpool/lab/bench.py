@@ -108,9 +108,12 @@ def make_plan(
     pols = tuple(policies) if policies is not None else sc.policies
     if not pols:
         raise BenchError("--policies is empty")
+    # Build each policy once with the scenario's profile, so nested settings (a predictor's
+    # parameters, a profile name) fail here, before any run starts.
+    probe = PolicyContext(rng=make_rng(0, "probe"), truth=lambda rid: None, profile=load_profile(sc.profile))
     for p in pols:
         try:
-            reg.validate(policy_config(p))
+            reg.build(policy_config(p), probe)
         except ConfigError as err:
             raise BenchError(str(err)) from None
     if rate is not None and not (math.isfinite(rate) and rate > 0):
