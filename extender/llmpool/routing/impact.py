@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,7 +191,11 @@ class ImpactPolicy(Policy):
             pred_cfg = pred_cfg.model_copy(update={"name": "oracle"})
         self.predictor: LengthPredictor = build_predictor(pred_cfg, truth=ctx.truth)
         self.queue_window = params.window if params.hold else 1
-        self._pred_sum: dict[int, float] = {}  # endpoint -> predicted output tokens in flight
+        # endpoint name -> predicted output tokens in flight (names, not positions: a live
+        # pool's endpoint list changes as pods come and go)
+        self._pred_sum: dict[str, float] = {}
+        self._where: dict[int, str] = {}  # request id -> endpoint name it was sent to
+        self._last_eps: Sequence[EndpointState] = ()
         self._expected: dict[int, float] = {}  # request id -> predicted output tokens
         self._round_key: tuple[float, int] = (math.nan, -1)
         self._release: set[int] = set()
@@ -212,7 +217,7 @@ class ImpactPolicy(Policy):
         return max(1.0, req.prediction.expected_tokens)
 
     def _remaining(self, ep: EndpointState) -> float:
-        return max(0.0, self._pred_sum.get(ep.index, 0.0) - ep.inflight_output_tokens)
+        return max(0.0, self._pred_sum.get(ep.name, 0.0) - ep.inflight_output_tokens)
 
     def _free_slots(self, ep: EndpointState) -> int:
         # the router's own in-flight count is exact and fresh (gauges lag up to a scrape)
@@ -274,6 +279,7 @@ class ImpactPolicy(Policy):
         eps = view.endpoints
         if not eps:
             return Hold("no endpoints")
+        self._last_eps = eps
         if self.p.hold:
             key = (view.now, len(view.queue))
             if key != self._round_key:
@@ -294,7 +300,9 @@ class ImpactPolicy(Policy):
     def on_assigned(self, request: Request, endpoint: int, now: float) -> None:
         e = self._expected_len(request)
         self._expected[request.id] = e
-        self._pred_sum[endpoint] = self._pred_sum.get(endpoint, 0.0) + e
+        name = self._last_eps[endpoint].name if endpoint < len(self._last_eps) else str(endpoint)
+        self._where[request.id] = name
+        self._pred_sum[name] = self._pred_sum.get(name, 0.0) + e
         self._release.discard(request.id)
         self._in_heap.discard(request.id)
         if len(self._heap) > 4 * (len(self._in_heap) + 64):  # drop routed entries in bulk
@@ -304,8 +312,13 @@ class ImpactPolicy(Policy):
 
     def on_completed(self, request: Request, endpoint: int, output_tokens: int, now: float) -> None:
         e = self._expected.pop(request.id, 0.0)
-        left = self._pred_sum.get(endpoint, 0.0) - e
-        self._pred_sum[endpoint] = left if left > 1e-6 else 0.0
+        name = self._where.pop(request.id, None)
+        if name is not None:
+            left = self._pred_sum.get(name, 0.0) - e
+            if left > 1e-6:
+                self._pred_sum[name] = left
+            else:
+                self._pred_sum.pop(name, None)
         self.predictor.observe(request, output_tokens)
 
 
