@@ -172,3 +172,27 @@ def test_oracle_needs_the_labs_truth() -> None:
 def test_no_profile_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="profile"):
         builtin_registry().build("impact", PolicyContext(rng=random.Random(0)))
+
+
+def test_prefix_cache_credit_lowers_the_prefill_estimate() -> None:
+    c = CostModel(S)
+    est = ImpactEstimator(c, A100.engine)
+    e = ep(0, running=10, kv_tokens=10_000)
+    cold = est.estimate(2048, 100, e, 500.0)
+    warm = est.estimate(2048, 100, e, 500.0, cached=1536)
+    assert warm.ttft == pytest.approx(
+        cold.ttft - c.prefill_extra(2048, 10, 2048) + c.prefill_extra(512, 10, 2048)
+    )
+    assert warm.kv_penalty == cold.kv_penalty  # cached tokens still occupy KV
+
+
+def test_impact_follows_the_prefix_it_sent_before() -> None:
+    pol = builtin_registry().build({"name": "impact", "params": {"hold": False}}, ctx())
+    eps = [ep(0, running=4, kv_tokens=4000), ep(1, running=4, kv_tokens=4000)]
+    first = Request(id=1, arrival=0.0, prompt_tokens=4096, prefix_hashes=tuple(range(8)))
+    d = pol.decide(first, PoolView(now=0.0, endpoints=eps, queue=(first,)))
+    assert isinstance(d, Route)
+    pol.on_assigned(first, d.endpoints[0], 0.0)
+    again = Request(id=2, arrival=0.1, prompt_tokens=4096, prefix_hashes=tuple(range(8)))
+    d2 = pol.decide(again, PoolView(now=0.1, endpoints=eps, queue=(again,)))
+    assert isinstance(d2, Route) and d2.endpoints[0] == d.endpoints[0]

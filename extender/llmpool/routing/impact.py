@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import Field
 
+from llmpool.routing.gie import PrefixIndex
 from llmpool.routing.policy import (
     ConfigError,
     Policy,
@@ -106,9 +107,11 @@ class ImpactEstimator:
         expected_out: float,
         ep: EndpointState,
         remaining_others: float,
+        cached: float = 0.0,
     ) -> Estimate:
         """``remaining_others``: predicted output tokens still to come for the requests
-        already on ``ep`` (their sum)."""
+        already on ``ep`` (their sum); ``cached``: prompt tokens likely served from ``ep``'s
+        prefix cache (they cost no prefill compute, but still occupy KV)."""
         c = self.cost
         n = float(ep.running + ep.pending_since_scrape)  # sequences in the batch soon
         queued = float(ep.waiting)
@@ -120,7 +123,7 @@ class ImpactEstimator:
         wait = 0.0
         if over > 0 and n > 0:
             wait = over * step_now * max(per_req_rem, 1.0) / n
-        prefill = c.prefill_extra(prompt, min(n, self.max_seqs), self.budget)
+        prefill = c.prefill_extra(max(prompt - cached, 1.0), min(n, self.max_seqs), self.budget)
         ttft = wait + prefill + step_now
         n_after = min(n + 1.0, float(self.max_seqs))
         step_after = c.decode_step(n_after, kv + prompt + expected_out / 2.0)
@@ -174,6 +177,13 @@ class ImpactParams(PolicyParams):
     max_hold_s: float = Field(
         default=30.0, gt=0.0, description="a request held this long is released first, whatever its cost"
     )
+    prefix_aware: bool = Field(
+        default=True,
+        description="discount prefill on endpoints likely to hold the prompt's prefix (router-side index)",
+    )
+    prefix_lru_capacity: int = Field(
+        default=31250, ge=1, description="prefix blocks remembered per endpoint (as GIE's index)"
+    )
 
 
 class ImpactPolicy(Policy):
@@ -196,6 +206,7 @@ class ImpactPolicy(Policy):
         self._pred_sum: dict[str, float] = {}
         self._where: dict[int, str] = {}  # request id -> endpoint name it was sent to
         self._last_eps: Sequence[EndpointState] = ()
+        self._prefix = PrefixIndex(params.prefix_lru_capacity) if params.prefix_aware else None
         self._expected: dict[int, float] = {}  # request id -> predicted output tokens
         self._round_key: tuple[float, int] = (math.nan, -1)
         self._release: set[int] = set()
@@ -223,9 +234,13 @@ class ImpactPolicy(Policy):
         # the router's own in-flight count is exact and fresh (gauges lag up to a scrape)
         return self.estimator.max_seqs - ep.inflight
 
-    def _score(self, req: Request, ep: EndpointState) -> float:
+    def _score(self, req: Request, ep: EndpointState, credit: dict[str, int] | None = None) -> float:
+        cached = 0.0
+        if credit:
+            blocks = credit.get(ep.name, 0)
+            cached = float(min(blocks * req.hash_block_tokens, req.prompt_tokens - 1))
         est = self.estimator.estimate(
-            float(req.prompt_tokens), self._expected_len(req), ep, self._remaining(ep)
+            float(req.prompt_tokens), self._expected_len(req), ep, self._remaining(ep), cached
         )
         p = self.p
         impact = p.alpha * est.prefill_stall + (1.0 - p.alpha) * est.decode_slowdown
@@ -290,9 +305,14 @@ class ImpactPolicy(Policy):
         fresh = [ep for ep in eps if not ep.stale] or list(eps)
         if self.p.hold:  # late binding: only endpoints with a free batch slot compete
             fresh = [ep for ep in fresh if self._free_slots(ep) > 0] or fresh
+        credit = (
+            self._prefix.match(request.prefix_hashes)
+            if self._prefix is not None and request.prefix_hashes
+            else None
+        )
         best: list[tuple[float, float, int]] = []
         for ep in fresh:
-            best.append((self._score(request, ep), self.rng.random(), ep.index))
+            best.append((self._score(request, ep, credit), self.rng.random(), ep.index))
         best.sort()
         order = tuple(i for _, _, i in best)
         return Route(order)
@@ -303,6 +323,8 @@ class ImpactPolicy(Policy):
         name = self._last_eps[endpoint].name if endpoint < len(self._last_eps) else str(endpoint)
         self._where[request.id] = name
         self._pred_sum[name] = self._pred_sum.get(name, 0.0) + e
+        if self._prefix is not None and request.prefix_hashes:
+            self._prefix.add(name, request.prefix_hashes)
         self._release.discard(request.id)
         self._in_heap.discard(request.id)
         if len(self._heap) > 4 * (len(self._in_heap) + 64):  # drop routed entries in bulk
