@@ -685,13 +685,6 @@ class StepGroup:
         self.imb_maxmin += int((mx - mn).sum())
 
     # --------------------------------------------------------------- observation
-    def engine_stats(self, idx: int, now_ps: int) -> EngineStats:
-        e = self.engines[idx]
-        if self.busy and self.seg_k and e.seg_n:
-            j = self.steps_done(now_ps)
-            return e.stats(j, min(j + 1, self.seg_k))
-        return e.stats()
-
     def all_stats(self, now_ps: int) -> list[EngineStats]:
         """Every rank's gauges at ``now_ps`` (one segment lookup for the whole group)."""
         if self.busy and self.seg_k:
