@@ -38,6 +38,7 @@ class EngineRequest:
     __slots__ = (
         "arrival_ps",
         "blocks",
+        "cached",
         "computed",
         "finish_ps",
         "first_ps",
@@ -69,6 +70,7 @@ class EngineRequest:
         self.tag = tag
         self.generated = 0
         self.computed = 0
+        self.cached = 0  # prompt tokens served from the prefix cache at first admission
         self.blocks = 0
         self.shared: list[int] = []
         self.arrival_ps = 0
@@ -117,7 +119,8 @@ class Engine:
         self.seg_cnt: list[int] = []
         # counters
         self.num_preemptions = 0
-        self.prompt_tokens_total = 0
+        self.prompt_tokens_total = 0  # counted when a prefill completes, as vLLM does
+        self.prompt_tokens_cached_total = 0
         self.generation_tokens_total = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -189,12 +192,31 @@ class Engine:
         if r.shared:
             r.computed = len(r.shared) * r.hbt
             self.prefix_hits += r.computed
+            if r.first_ps < 0:
+                r.cached = r.computed
 
     def _unmatch_prefix(self, r: EngineRequest) -> None:
         self.prefix_queries -= r.prompt
         self.prefix_hits -= r.computed
         self._release(r)
         r.computed = 0
+        if r.first_ps < 0:
+            r.cached = 0
+
+    def abort(self, r: EngineRequest) -> bool:
+        """Drop a request (its client went away). Only between steps: never while a
+        planned step or segment that includes it is pending. False if it is not here."""
+        if r in self.waiting:
+            self.waiting.remove(r)
+            self._release(r)
+            return True
+        if r in self.running:
+            self.running.remove(r)
+            self.ctx_tokens -= r.computed
+            self.out_tokens -= r.generated
+            self._release(r)
+            return True
+        return False
 
     def _insert_prefix(self, r: EngineRequest) -> None:
         """After a prefill completes, its full prompt chunks become cached (shared)."""
@@ -316,6 +338,8 @@ class Engine:
                 self.out_tokens += 1
                 if r.first_ps < 0:
                     r.first_ps = end_ps
+                    self.prompt_tokens_total += r.prompt
+                    self.prompt_tokens_cached_total += r.cached
                 if was_prefilling and r.computed >= r.prompt:
                     self._insert_prefix(r)
                 if r.generated >= r.output:
@@ -333,7 +357,6 @@ class Engine:
                 self._release(r)
                 self.out_tokens -= r.generated
                 self.finished_total += 1
-                self.prompt_tokens_total += r.prompt
                 finished.append(r)
             else:
                 keep.append(r)

@@ -1,0 +1,69 @@
+"""Live against simulated: replay one workload through live servers with each policy,
+then simulate the same workload on the same policies with a profile, and put the
+numbers side by side (the sim-to-real check)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llmpool.lab.metrics import RunSummary
+from llmpool.lab.sim import SimConfig, Simulator, make_rng
+from llmpool.lab.workload import Workload
+from llmpool.routing import builtin_registry
+from llmpool.routing.policy import PolicyConfig, PolicyContext
+from llmpool.routing.profile import Profile
+from llmpool.serving.datastore import Endpoint
+from llmpool.serving.replay import LiveResult, replay
+
+
+@dataclass(slots=True)
+class ComparisonRow:
+    policy: str
+    live: RunSummary | None
+    sim: RunSummary | None
+    live_errors: int = 0
+    per_endpoint: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "live": self.live.to_dict() if self.live else None,
+            "sim": self.sim.to_dict() if self.sim else None,
+            "live_errors": self.live_errors,
+            "per_endpoint": self.per_endpoint,
+        }
+
+
+def build_policy(spec: str | PolicyConfig, profile: Profile | None, seed: int) -> Any:
+    ctx = PolicyContext(rng=make_rng(seed, "policy"), truth=None, profile=profile)
+    return builtin_registry().build(spec if isinstance(spec, PolicyConfig) else PolicyConfig.parse(spec), ctx)
+
+
+def simulate(workload: Workload, policy_spec: str | PolicyConfig, profile: Profile, instances: int,
+             seed: int) -> RunSummary:  # fmt: skip
+    policy = build_policy(policy_spec, profile, seed)
+    for it in workload.items:
+        it.request.prediction = None
+    return Simulator(profile, policy, SimConfig(instances=instances)).run(workload.items).summary
+
+
+async def live_run(
+    workload: Workload,
+    endpoints: Sequence[Endpoint],
+    policy_spec: str | PolicyConfig,
+    profile: Profile | None,
+    *,
+    seed: int,
+    model: str | None,
+    time_scale: float,
+    progress: Callable[[int], None] | None = None,
+) -> LiveResult:
+    policy = build_policy(policy_spec, profile, seed)
+    return await replay(workload, endpoints, policy, model=model, time_scale=time_scale, seed=seed,
+                        progress=progress)  # fmt: skip
+
+
+def relative_error(sim: float, live: float) -> float:
+    return (sim - live) / live if live else float("nan")
