@@ -86,6 +86,68 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=_positive_int, help="parallel worker processes (default: min(4, CPUs))")
     b.set_defaults(func=_cmd_bench)
 
+    e = sub.add_parser(
+        "emulate",
+        help="serve an emulated vLLM (OpenAI API + vLLM /metrics) driven by the lab's engine model",
+        description="An HTTP server that looks like vLLM 0.32 from outside and steps the lab's engine "
+        "model in (scaled) wall-clock time inside. Ctrl-C stops it.",
+    )
+    e.add_argument("--port", type=int, required=True, help="TCP port (0 picks a free one)")
+    e.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    e.add_argument("--model", default="emulated-llm", help="served model name (default emulated-llm)")
+    e.add_argument("--profile", default="a100-llama3-8b", help="built-in profile name or a profile YAML path")
+    e.add_argument("--time-scale", type=_positive_float, default=1.0,
+                   help="run K times faster than real time (histograms report engine time)")  # fmt: skip
+    e.add_argument("--max-model-len", type=_positive_int, help="context limit (default min(8192, KV cache))")
+    e.add_argument("--max-num-seqs", type=_positive_int, help="override the profile's max_num_seqs")
+    e.add_argument("--max-num-batched-tokens", type=_positive_int, help="override the profile's token budget")
+    e.add_argument("--num-gpu-blocks", type=_positive_int, help="override the profile's KV blocks")
+    e.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    e.add_argument(
+        "--output-lengths",
+        metavar="TRACE",
+        help="draw natural answer lengths from a trace's output lengths (default: log-normal, median 128)",
+    )
+    e.add_argument("--seed", type=int, default=0, help="seed of the output-length draws")
+    e.set_defaults(func=_cmd_emulate)
+
+    r = sub.add_parser(
+        "replay",
+        help="replay a workload against live servers with policies, optionally beside the simulator",
+        description="Route a workload client-side over live OpenAI-compatible servers (vLLM or "
+        "`llmpool emulate`) with each policy in turn, measure TTFT/E2E at the client, and with --profile "
+        "also simulate the same workload for a side-by-side sim-to-real table.",
+    )
+    r.add_argument("--endpoints", required=True, help="comma-separated server URLs (http://HOST:PORT)")
+    r.add_argument("--workload", required=True, help="a synthetic spec name or a trace file")
+    r.add_argument("--requests", type=_positive_int, default=200, help="requests to replay (default 200)")
+    r.add_argument("--rate", type=_positive_float, help="arrival rate in requests/s (default: the trace's)")
+    r.add_argument("--policies", default="round-robin,impact", help="comma-separated policies")
+    r.add_argument("--profile", help="profile for the policies and the simulator (enables the sim column)")
+    r.add_argument("--model", help="model name to send (default: the server's)")
+    r.add_argument("--time-scale", type=_positive_float, default=1.0, help="the emulators' --time-scale")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    r.set_defaults(func=_cmd_replay)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="fit a step-cost profile by measuring a live server",
+        description="Drive a live server (vLLM or the emulator) through prefill and decode probes, one "
+        "sweep at a time, and fit the step-cost profile the simulator and the impact policy use.",
+    )
+    c.add_argument("--endpoint", required=True, help="server URL (http://HOST:PORT); it should be idle")
+    c.add_argument("--out", metavar="PROFILE", help="write the fitted profile YAML here")
+    c.add_argument("--name", default="calibrated", help="profile name (default calibrated)")
+    c.add_argument("--hardware", default="", help="what the server runs on, for the provenance")
+    c.add_argument("--model", help="model to probe (default: the first the server lists)")
+    c.add_argument("--max-num-seqs", type=_positive_int, default=256, help="the server's --max-num-seqs")
+    c.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                   help="the server's --max-num-batched-tokens")  # fmt: skip
+    c.add_argument("--max-batch", type=_positive_int, default=32, help="largest decode batch probed")
+    c.add_argument("--repeats", type=_positive_int, default=3, help="repeats per probe")
+    c.set_defaults(func=_cmd_calibrate)
+
     s = sub.add_parser("scenarios", help="list the lab's named scenarios")
     s.set_defaults(func=_cmd_scenarios)
     pl = sub.add_parser("policies", help="list the registered routing policies")
@@ -166,6 +228,133 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         for path in bench.plot(plan, rows, Path(args.plot)):
             print(f"plot: {path}")
+    return 0
+
+
+def _cmd_emulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from llmpool.emulator.lengths import OutputLengths, from_workload
+    from llmpool.emulator.server import EmulatorConfig, serve_forever
+
+    if not 0 <= args.port <= 65535:
+        raise _UsageError(f"--port must be in 0..65535, got {args.port}")
+    overrides: dict[str, int | bool] = {}
+    for flag, key in (("max_num_seqs", "max_num_seqs"), ("max_num_batched_tokens", "max_num_batched_tokens"),
+                      ("num_gpu_blocks", "num_gpu_blocks")):  # fmt: skip
+        v = getattr(args, flag)
+        if v is not None:
+            overrides[key] = v
+    if args.no_prefix_caching:
+        overrides["enable_prefix_caching"] = False
+    lengths = (
+        from_workload(args.output_lengths, seed=args.seed)
+        if args.output_lengths
+        else OutputLengths(seed=args.seed)
+    )
+    cfg = EmulatorConfig(model=args.model, profile=args.profile, time_scale=args.time_scale,
+                         max_model_len=args.max_model_len, engine_overrides=overrides, lengths=lengths,
+                         seed=args.seed)  # fmt: skip
+    try:
+        asyncio.run(serve_forever(cfg, host=args.host, port=args.port))
+    except OSError as err:
+        raise _UsageError(f"cannot serve on {args.host}:{args.port}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from llmpool.lab.bench import split_policies
+    from llmpool.lab.workload import load_workload
+    from llmpool.routing.profile import load_profile
+    from llmpool.serving import compare
+    from llmpool.serving.datastore import Endpoint
+
+    try:
+        endpoints = [Endpoint.parse(u) for u in args.endpoints.split(",") if u.strip()]
+    except ValueError as err:
+        raise _UsageError(f"--endpoints: {err}") from None
+    if not endpoints:
+        raise _UsageError("--endpoints: give at least one URL")
+    policies = split_policies(args.policies)
+    profile = load_profile(args.profile) if args.profile else None
+    for pol in policies:
+        compare.build_policy(pol, profile, args.seed)  # validate every policy before any traffic
+    workload = load_workload(args.workload, n=args.requests, rate=args.rate, seed=args.seed)
+    rows: list[compare.ComparisonRow] = []
+    for pol in policies:
+        bar = tqdm(total=len(workload), unit="req", desc=f"live {pol}", file=sys.stderr, disable=None)
+
+        def tick(k: int, bar: Any = bar) -> None:
+            bar.update(k)
+
+        try:
+            live = asyncio.run(
+                compare.live_run(
+                    workload,
+                    endpoints,
+                    pol,
+                    profile,
+                    seed=args.seed,
+                    model=args.model,
+                    time_scale=args.time_scale,
+                    progress=tick,
+                )
+            )
+        finally:
+            bar.close()
+        sim = compare.simulate(workload, pol, profile, len(endpoints), args.seed) if profile else None
+        rows.append(compare.ComparisonRow(pol, live.summary, sim, live.errors, live.per_endpoint))
+        if live.errors:
+            first = next(r.error for r in live.records if r.error)
+            print(f"llmpool replay: {pol}: {live.errors} request(s) failed, first: {first}", file=sys.stderr)
+    print(compare.format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+        print(f"results: {args.json}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from llmpool.serving.calibrate import CalibrationError, calibrate, profile_yaml
+
+    if args.out:
+        _check_writable(Path(args.out).parent or Path("."), "--out")
+
+    def say(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    print(f"llmpool calibrate: probing {args.endpoint} (keep other traffic off it)", file=sys.stderr)
+    try:
+        cal = asyncio.run(
+            calibrate(
+                args.endpoint,
+                model=args.model,
+                name=args.name,
+                hardware=args.hardware,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_batch=args.max_batch,
+                repeats=args.repeats,
+                progress=say,
+            )
+        )
+    except CalibrationError as err:
+        raise _UsageError(str(err)) from None
+    print(cal.table())
+    text = profile_yaml(cal.profile)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"profile: {args.out}")
+    else:
+        print(text)
     return 0
 
 

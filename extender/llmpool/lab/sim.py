@@ -199,6 +199,9 @@ class Simulator:
         ep_engine = self.ep_engine
         n_ep = len(endpoints)
         self._now_ps = 0
+        # The API server's own latency (HTTP, tokenising) overlaps engine steps: it
+        # delays what the client sees, not the engine.
+        frontend_ps = round(self.profile.frontend_latency_ms * 1e9)
         done_count = 0
         progress_every = 1000
 
@@ -296,8 +299,8 @@ class Simulator:
                         req.id,
                         round(req.arrival * PS_PER_S),
                         fl.dispatch_ps,
-                        r.first_ps,
-                        r.finish_ps,
+                        r.first_ps + frontend_ps,
+                        r.finish_ps + frontend_ps,
                         r.prompt,
                         r.generated,
                         r.preemptions,

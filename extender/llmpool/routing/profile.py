@@ -74,6 +74,9 @@ class Profile(_Strict):
     model: str = ""
     provenance: Provenance
     step: StepCost
+    # Time a request spends in the server outside engine steps (HTTP, tokenising,
+    # detokenising): added to every request's TTFT and E2E by the simulator.
+    frontend_latency_ms: float = Field(default=0.0, ge=0)
     engine: EngineConfig = EngineConfig()
 
 

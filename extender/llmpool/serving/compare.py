@@ -67,3 +67,21 @@ async def live_run(
 
 def relative_error(sim: float, live: float) -> float:
     return (sim - live) / live if live else float("nan")
+
+
+_FIELDS = (("E2E mean", "e2e_mean_s"), ("E2E p90", "e2e_p90_s"), ("TTFT mean", "ttft_mean_s"),
+           ("TTFT p90", "ttft_p90_s"))  # fmt: skip
+
+
+def format_table(rows: Sequence[ComparisonRow]) -> str:
+    """Live and simulated side by side, with the simulator's error relative to live."""
+    out = [f"{'policy':<16} {'metric':<10} {'live s':>9} {'sim s':>9} {'sim-live':>9}"]
+    for row in rows:
+        for label, key in _FIELDS:
+            live = getattr(row.live, key) if row.live else float("nan")
+            sim = getattr(row.sim, key) if row.sim else float("nan")
+            err = relative_error(sim, live) * 100
+            out.append(f"{row.policy:<16} {label:<10} {live:>9.3f} {sim:>9.3f} {err:>+8.1f}%")
+        if row.per_endpoint is not None:
+            out.append(f"{row.policy:<16} requests per endpoint: {row.per_endpoint}")
+    return "\n".join(out)

@@ -1,0 +1,284 @@
+"""Fit a step-cost profile from a live server (real vLLM or the emulator).
+
+The server is driven through two controlled sweeps, one at a time so that nothing
+else shares its steps:
+
+* **prefill probes** -- one request at a time with a prompt of P tokens (fresh random
+  token ids, so the prefix cache cannot help) and ``max_tokens=2``: the time to the
+  first token is the frontend's latency plus one step of P prefill tokens, and the gap
+  to the second token is one single-sequence decode step with a context of P tokens;
+* **decode probes** -- B requests at once with short prompts and a fixed output: once
+  all are decoding, the inter-token gap is one decode step of B sequences.
+
+From them (model-server notes, section 4)::
+
+    decode step (1 seq, ctx P)  = base(1) + a_dec * P               -> base(1), a_dec
+    decode step (B seqs)        = base(B) + f * a_dec * sum(ctx)     -> base(B)
+    TTFT(P)                     = frontend + base(P) + a_pre * P^2/2  -> frontend, c1, c2, a_pre
+    base(n)                     = max(c0, c1 + c2 * n)
+
+with ``c0`` the flat floor (memory-bound small batches) and ``frontend`` the time a
+request spends in the API server before and after the engine (tokenising, detokenising,
+HTTP), which the simulator adds to each request's latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+from llmpool.routing.profile import EngineConfig, LinearCost, Profile, Provenance, StepCost
+from llmpool.serving.replay import TOKEN_ID_RANGE
+from llmpool.serving.scrape import ScrapeError, parse_vllm_metrics
+
+
+class CalibrationError(RuntimeError):
+    """The server cannot be calibrated; ``str()`` is one line."""
+
+
+@dataclass(slots=True)
+class Probe:
+    kind: str  # "prefill" or "decode"
+    size: int  # prompt tokens (prefill) or batch size (decode)
+    ttft_s: float = math.nan
+    step_s: float = math.nan
+    ctx_sum: float = 0.0
+
+
+@dataclass(slots=True)
+class Calibration:
+    profile: Profile
+    probes: list[Probe]
+    frontend_s: float
+    residuals: list[tuple[str, int, float, float]] = field(default_factory=list)  # (kind, size, meas, fit)
+
+    def table(self) -> str:
+        lines = [f"{'probe':<8} {'size':>6} {'measured ms':>12} {'fitted ms':>10} {'error':>7}"]
+        for kind, size, meas, fit in self.residuals:
+            err = (fit - meas) / meas * 100 if meas else math.nan
+            lines.append(f"{kind:<8} {size:>6} {meas * 1e3:>12.2f} {fit * 1e3:>10.2f} {err:>+6.1f}%")
+        return "\n".join(lines)
+
+
+class _Client:
+    def __init__(self, session: aiohttp.ClientSession, url: str, model: str, seed: int) -> None:
+        self.session = session
+        self.url = url
+        self.model = model
+        self.rng = np.random.default_rng(seed)
+
+    def prompt(self, n: int) -> list[int]:
+        lo, hi = TOKEN_ID_RANGE
+        return [int(x) for x in self.rng.integers(lo, hi, n)]
+
+    async def stream(self, prompt: int, out: int) -> list[float]:
+        """Send one request; return the arrival times of its tokens (monotonic s),
+        starting with the send time."""
+        body = {
+            "model": self.model,
+            "prompt": self.prompt(prompt),
+            "max_tokens": out,
+            "ignore_eos": True,
+            "stream": True,
+            "temperature": 0.0,
+        }
+        t0 = time.monotonic()
+        times = [t0]
+        async with self.session.post(f"{self.url}/v1/completions", data=orjson.dumps(body),
+                                     headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
+            if resp.status != 200:
+                raise CalibrationError(f"{self.url}: HTTP {resp.status}: {(await resp.text())[:200]}")
+            async for line in resp.content:
+                if line.startswith(b"data: {") and b'"finish_reason"' in line:
+                    times.append(time.monotonic())
+        if len(times) < 2:
+            raise CalibrationError(f"{self.url}: the stream carried no tokens")
+        return times
+
+
+async def _server_facts(
+    session: aiohttp.ClientSession, url: str, model: str | None
+) -> tuple[str, int, int, int]:
+    try:
+        async with session.get(f"{url}/v1/models") as resp:
+            if resp.status != 200:
+                raise CalibrationError(f"{url}/v1/models: HTTP {resp.status}")
+            cards = (orjson.loads(await resp.read())).get("data") or []
+        async with session.get(f"{url}/metrics") as resp:
+            metrics = parse_vllm_metrics(await resp.text())
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise CalibrationError(f"{url}: cannot reach the server: {err}") from None
+    except ScrapeError as err:
+        raise CalibrationError(f"{url}/metrics: {err}") from None
+    if not cards:
+        raise CalibrationError(f"{url}/v1/models lists no model")
+    card = next((c for c in cards if c.get("id") == model), None) if model else cards[0]
+    if card is None:
+        raise CalibrationError(
+            f"{url} does not serve {model!r}; it serves {', '.join(c.get('id') for c in cards)}"
+        )
+    eng = metrics.engine("0") if "0" in metrics.engines else next(iter(metrics.engines.values()))
+    if eng.block_size is None or eng.num_gpu_blocks is None:
+        raise CalibrationError(f"{url}/metrics: vllm:cache_config_info has no block_size/num_gpu_blocks")
+    return str(card["id"]), int(card.get("max_model_len") or 2048), eng.block_size, eng.num_gpu_blocks
+
+
+def _median_gap(times: list[float], skip: int) -> float:
+    gaps = np.diff(times[1 + skip :])
+    return float(np.median(gaps)) if len(gaps) else math.nan
+
+
+async def calibrate(
+    url: str,
+    *,
+    model: str | None = None,
+    name: str = "calibrated",
+    hardware: str = "",
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 2048,
+    max_batch: int = 32,
+    repeats: int = 3,
+    decode_tokens: int = 24,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Calibration:
+    """Measure ``url`` and fit a :class:`Profile` (see the module docstring)."""
+    url = url.rstrip("/")
+    say = progress or (lambda _msg: None)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        served, max_len, block_size, num_blocks = await _server_facts(session, url, model)
+        client = _Client(session, url, served, seed)
+        await client.stream(8, 2)  # warm-up
+        probes: list[Probe] = []
+        limit = min(max_len - 4, max_num_batched_tokens)
+        sizes = [p for p in (16, 64, 128, 256, 512, 1024, 1536, 2048) if p <= limit]
+        for p in sizes:
+            say(f"prefill probe: {p} prompt tokens x {repeats}")
+            ttfts, gaps = [], []
+            for _ in range(repeats):
+                t = await client.stream(p, 2)
+                ttfts.append(t[1] - t[0])
+                if len(t) > 2:
+                    gaps.append(t[2] - t[1])
+            probes.append(Probe("prefill", p, statistics.median(ttfts),
+                                statistics.median(gaps) if gaps else math.nan, float(p)))  # fmt: skip
+        prompt = 16
+        batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= min(max_batch, max_num_seqs)]
+        for b in batches:
+            say(f"decode probe: batch of {b}")
+            steps = []
+            for _ in range(max(1, repeats - 1)):
+                runs = await asyncio.gather(*(client.stream(prompt, decode_tokens) for _ in range(b)))
+                steps.append(statistics.median(_median_gap(t, 3) for t in runs))
+            ctx = b * (prompt + 3 + decode_tokens / 2)
+            probes.append(Probe("decode", b, math.nan, statistics.median(steps), ctx))
+    return _fit(probes, served=served, url=url, name=name, hardware=hardware, block_size=block_size,
+                num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens)  # fmt: skip
+
+
+def _fit(
+    probes: list[Probe],
+    *,
+    served: str,
+    url: str,
+    name: str,
+    hardware: str,
+    block_size: int,
+    num_blocks: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+) -> Calibration:
+    pre = [p for p in probes if p.kind == "prefill" and math.isfinite(p.ttft_s)]
+    dec = [p for p in probes if p.kind == "decode" and math.isfinite(p.step_s)]
+    if len(pre) < 3 or not dec:
+        raise CalibrationError("too few successful probes to fit a profile")
+    # 1. single-sequence decode steps vs context: base(1) + a_dec * ctx
+    gx = np.array([p.size for p in pre if math.isfinite(p.step_s)], dtype=float)
+    gy = np.array([p.step_s for p in pre if math.isfinite(p.step_s)], dtype=float)
+    if len(gx) >= 2 and np.ptp(gx) > 0:
+        slope, base1 = np.polyfit(gx, gy, 1)
+        a_dec = max(0.0, float(slope))
+        base1 = float(np.median(gy - a_dec * gx))
+    else:
+        a_dec, base1 = 0.0, float(dec[0].step_s)
+    # 2. batched decode steps: base(B) = step - f*a_dec*ctx (f folded into a_dec here)
+    base_dec = [(p.size, max(1e-6, p.step_s - a_dec * p.ctx_sum)) for p in dec]
+    c0 = min([base1] + [b for n, b in base_dec if n <= 2])
+    # 3. frontend latency: TTFT of the shortest prompt minus one short step
+    shortest = min(pre, key=lambda p: p.size)
+    frontend = max(0.0, shortest.ttft_s - max(c0, base1))
+    # 4. linear part from prefill steps (and large decode batches) above the floor
+    pts = [(float(p.size), p.ttft_s - frontend) for p in pre] + [(float(n), b) for n, b in base_dec]
+    above = [(n, t) for n, t in pts if t > c0 * 1.05]
+    if len(above) >= 2:
+        xs = np.array([n for n, _ in above])
+        ys = np.array([t for _, t in above])
+        c2, c1 = np.polyfit(xs, ys, 1)
+        c2 = max(0.0, float(c2))
+        c1 = max(0.0, float(c1))
+    else:
+        c1, c2 = c0, 0.0
+    step = StepCost(
+        overhead_ms=0.0,
+        linear=LinearCost(
+            c0_ms=round(c0 * 1e3, 4), c1_ms=round(c1 * 1e3, 4), c2_us_per_token=round(c2 * 1e6, 4)
+        ),
+        decode_attention_ns_per_context_token=round(a_dec * 1e9, 3),
+        prefill_attention_ns_per_pair=0.0,
+    )
+    today = _dt.date.today().isoformat()
+    profile = Profile(
+        name=name,
+        description=f"{served} as measured at {url} by llmpool calibrate",
+        hardware=hardware or f"unknown ({platform.machine()} host of the client)",
+        model=served,
+        provenance=Provenance(
+            source=f"llmpool calibrate against {url}",
+            method=f"{len(pre)} prefill and {len(dec)} decode probes; least squares on step times",
+            date=today,
+        ),
+        step=step,
+        frontend_latency_ms=round(frontend * 1e3, 3),
+        engine=EngineConfig(
+            block_size=block_size,
+            num_gpu_blocks=num_blocks,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+        ),
+    )
+
+    def base(n: float) -> float:
+        return max(c0, c1 + c2 * n)
+
+    res: list[tuple[str, int, float, float]] = []
+    for p in pre:
+        res.append(("ttft", p.size, p.ttft_s, frontend + base(p.size)))
+        if math.isfinite(p.step_s):
+            res.append(("decode1", p.size, p.step_s, base(1) + a_dec * p.size))
+    for p in dec:
+        res.append(("decodeB", p.size, p.step_s, base(p.size) + a_dec * p.ctx_sum))
+    return Calibration(profile=profile, probes=probes, frontend_s=frontend, residuals=res)
+
+
+def profile_yaml(profile: Profile) -> str:
+    import yaml
+
+    data: dict[str, Any] = profile.model_dump(mode="json")
+    head = (
+        "# Step-cost profile fitted by `llmpool calibrate` (see docs/calibration.md).\n"
+        "# Data, not code: re-run calibrate to refresh it; provenance says what was measured.\n"
+    )
+    return head + yaml.safe_dump(data, sort_keys=False)
