@@ -616,7 +616,7 @@ def test_synthetic_deterministic_and_seed_dependent() -> None:
 
 
 def test_synthetic_specs_registry() -> None:
-    assert set(SYNTHETIC_SPECS) == {"five-task", "conversation", "prefix-sharing"}
+    assert set(SYNTHETIC_SPECS) == {"five-task", "conversation", "prefix-sharing", "small-mix"}
     assert SYNTHETIC_SPECS["five-task"] is FIVE_TASK_MIX
     assert SYNTHETIC_SPECS["conversation"] is CONVERSATION
     assert SYNTHETIC_SPECS["prefix-sharing"] is PREFIX_SHARING

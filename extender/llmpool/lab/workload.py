@@ -971,9 +971,26 @@ PREFIX_SHARING: Final = SyntheticSpec(
     prefix=PrefixSpec(groups=16, shared_blocks=4, block_tokens=512, zipf_s=1.0),
 )
 
+# Small enough for a CPU server and a small model (the sim-to-real check, the demo):
+# short chat turns and longer document prompts, answers up to a few hundred tokens.
+SMALL_MIX: Final = SyntheticSpec(
+    name="small-mix",
+    classes=(
+        RequestClass(
+            "chat", 0.6, LengthDist("lognormal", 120, 0.6, 16, 1024), LengthDist("lognormal", 96, 0.8, 8, 384)
+        ),
+        RequestClass(
+            "document",
+            0.4,
+            LengthDist("lognormal", 700, 0.4, 128, 1536),
+            LengthDist("lognormal", 48, 0.8, 8, 256),
+        ),
+    ),
+)
+
 #: The built-in synthetic workloads by name.
 SYNTHETIC_SPECS: Final[dict[str, SyntheticSpec]] = {
-    s.name: s for s in (FIVE_TASK_MIX, CONVERSATION, PREFIX_SHARING)
+    s.name: s for s in (FIVE_TASK_MIX, CONVERSATION, PREFIX_SHARING, SMALL_MIX)
 }
 
 

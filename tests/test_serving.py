@@ -1,0 +1,174 @@
+"""The live serving layer: datastore accounting, the dispatch loop, replay and
+calibration against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmpool.emulator.server import EmulatorConfig, running
+from llmpool.lab.workload import LengthDist, RequestClass, SyntheticSpec, synthetic
+from llmpool.routing.policy import Policy
+from llmpool.routing.profile import load_profile
+from llmpool.routing.types import HOLD, Decision, PoolView, Request, Route
+from llmpool.serving.calibrate import calibrate
+from llmpool.serving.compare import build_policy, simulate
+from llmpool.serving.datastore import Datastore, Endpoint
+from llmpool.serving.dispatch import Dispatcher, DispatchError
+from llmpool.serving.replay import prompt_ids, replay
+from llmpool.serving.scrape import EngineMetrics, ServerMetrics
+
+
+def _metrics(running: int = 0, waiting: int = 0, kv: float = 0.0) -> ServerMetrics:
+    return ServerMetrics(
+        engines={"0": EngineMetrics(running, waiting, kv, block_size=16, num_gpu_blocks=100)}
+    )
+
+
+def _req(i: int, prompt: int = 10) -> Request:
+    return Request(id=i, arrival=0.0, prompt_tokens=prompt)
+
+
+def test_endpoint_parse() -> None:
+    ep = Endpoint.parse("10.0.0.1:8000")
+    assert (ep.name, ep.url) == ("10.0.0.1:8000", "http://10.0.0.1:8000")
+    assert Endpoint.parse("http://h:1/").name == "h:1"
+    for bad in ("nohost", "http://h", "ftp://h:1"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            Endpoint.parse(bad)
+
+
+def test_datastore_pending_follows_scrape_epochs() -> None:
+    ds = Datastore([Endpoint.parse("a:1"), Endpoint.parse("b:2")])
+    st = ds.states[0]
+    f1 = ds.assign(0, _req(1, 100), now=1.0)
+    assert (st.inflight, st.pending_since_scrape, st.pending_tokens_since_scrape) == (1, 1, 100)
+    ds.scraped(0, _metrics(running=1, kv=0.5), now=1.05)
+    assert (st.running, st.kv_usage, st.kv_capacity_tokens) == (1, 0.5, 1600)
+    assert st.pending_since_scrape == 0  # the gauges show it now
+    f2 = ds.assign(0, _req(2, 30), now=1.06)
+    ds.complete(f1)  # assigned in an older epoch: pending untouched
+    assert (st.inflight, st.pending_since_scrape, st.pending_tokens_since_scrape) == (1, 1, 30)
+    ds.progress(f2, 5, now=1.07)
+    assert st.inflight_output_tokens == 5 and f2.active.first_token_at == 1.07
+    assert [a.generated_tokens for a in st.active()] == [5]
+    ds.complete(f2)  # same epoch: no longer pending
+    ds.complete(f2)  # idempotent
+    assert (st.inflight, st.pending_since_scrape, st.inflight_output_tokens) == (0, 0, 0)
+    assert ds.states[1].inflight == 0
+
+
+def test_datastore_stale_after_failures() -> None:
+    ds = Datastore([Endpoint.parse("a:1")], stale_after_s=2.0)
+    ds.scraped(0, _metrics(), now=10.0)
+    ds.scrape_failed(0, "boom", now=11.0)
+    assert not ds.states[0].stale and ds.last_error[0] == "boom"
+    ds.scrape_failed(0, "boom", now=12.5)
+    assert ds.states[0].stale
+    ds.scraped(0, _metrics(), now=13.0)
+    assert not ds.states[0].stale and ds.last_error[0] == ""
+
+
+class _HoldN(Policy):
+    name = "hold-n"
+
+    def __init__(self, holds: int) -> None:
+        self.holds = holds
+        self.completed: list[int] = []
+        self.nows: list[float] = []
+
+    def decide(self, request: Request, view: PoolView) -> Decision:
+        self.nows.append(view.now)
+        if request.id < 0:
+            raise RuntimeError("bad request")
+        if self.holds > 0:
+            self.holds -= 1
+            return HOLD
+        return Route((request.id % len(view.endpoints),))
+
+    def on_completed(self, request: Request, endpoint: int, output_tokens: int, now: float) -> None:
+        self.completed.append(request.id)
+
+
+def test_dispatcher_holds_ticks_and_survives_policy_errors() -> None:
+    async def main() -> None:
+        ds = Datastore([Endpoint.parse("a:1"), Endpoint.parse("b:2")])
+        pol = _HoldN(holds=3)
+        d = Dispatcher(pol, ds, tick_s=0.001)
+        idx, fl = await asyncio.wait_for(d.route(_req(1)), 1.0)
+        assert idx == 1 and ds.states[1].inflight == 1 and d.holds == 3
+        with pytest.raises(DispatchError, match="bad request"):
+            await d.route(_req(-1))
+        assert d.queued == 0
+        d.finish(fl, 7)
+        assert pol.completed == [1] and ds.states[1].inflight == 0
+        # a caller cancelled while held leaves the queue
+        pol.holds = 10**9
+        task = asyncio.create_task(d.route(_req(2)))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert d.queued == 0
+        d.close()
+
+    asyncio.run(main())
+
+
+def _spec() -> SyntheticSpec:
+    return SyntheticSpec(
+        name="mix",
+        classes=(
+            RequestClass("short", 0.5, LengthDist("lognormal", mean=64, cv=0.5, low=8, high=256),
+                         LengthDist("lognormal", mean=24, cv=0.5, low=4, high=64)),
+            RequestClass("long", 0.5, LengthDist("lognormal", mean=700, cv=0.3, low=200, high=1500),
+                         LengthDist("lognormal", mean=48, cv=0.5, low=8, high=96)),
+        ),
+    )  # fmt: skip
+
+
+def test_prompt_ids_share_prefix_blocks() -> None:
+    w = synthetic(_spec(), n=4, rate=10.0, seed=1)
+    a, b = w.items[0], w.items[1]
+    a.request.prefix_hashes, b.request.prefix_hashes = (11, 22), (11, 33)
+    a.request.hash_block_tokens = b.request.hash_block_tokens = 8
+    a.request.prompt_tokens = b.request.prompt_tokens = 20
+    ia, ib = prompt_ids(a, 0), prompt_ids(b, 0)
+    assert len(ia) == len(ib) == 20
+    assert ia[:8] == ib[:8] and ia[8:16] != ib[8:16]
+
+
+def test_replay_through_emulators_matches_the_simulator() -> None:
+    """Two emulators at real time: client-measured E2E agrees with the lab's engine model."""
+    profile = load_profile("a100-llama3-8b")
+    w = synthetic(_spec(), n=40, rate=20.0, seed=3)
+
+    async def main() -> tuple[float, float, list[int], int]:
+        cfg = EmulatorConfig(profile=profile)
+        async with running(cfg) as a, running(cfg) as b:
+            eps = [Endpoint.parse(a.url), Endpoint.parse(b.url)]
+            res = await replay(w, eps, build_policy("round-robin", profile, 0))
+            return res.summary.e2e_mean_s, res.summary.ttft_mean_s, res.per_endpoint, res.errors
+
+    e2e, ttft, per_ep, errors = asyncio.run(main())
+    sim = simulate(w, "round-robin", profile, 2, 0)
+    assert errors == 0 and per_ep == [20, 20]
+    assert e2e == pytest.approx(sim.e2e_mean_s, rel=0.15)
+    assert ttft < sim.ttft_mean_s + 0.05
+
+
+def test_calibrate_recovers_the_emulators_profile() -> None:
+    profile = load_profile("a100-llama3-8b")
+
+    async def main() -> tuple[float, float, float]:
+        async with running(EmulatorConfig(profile=profile)) as srv:
+            cal = await calibrate(srv.url, repeats=2, max_batch=8, max_num_seqs=256)
+            lin = cal.profile.step.linear
+            return lin.c0_ms, lin.c2_us_per_token, cal.profile.frontend_latency_ms
+
+    c0, c2, frontend = asyncio.run(main())
+    truth = profile.step
+    assert c0 == pytest.approx(truth.linear.c0_ms + truth.overhead_ms, rel=0.15)
+    assert c2 == pytest.approx(truth.linear.c2_us_per_token, rel=0.15)
+    assert frontend < 10.0
