@@ -205,39 +205,47 @@ def _fit(
     dec = [p for p in probes if p.kind == "decode" and math.isfinite(p.step_s)]
     if len(pre) < 3 or not dec:
         raise CalibrationError("too few successful probes to fit a profile")
-    # 1. single-sequence decode steps vs context: base(1) + a_dec * ctx
-    gx = np.array([p.size for p in pre if math.isfinite(p.step_s)], dtype=float)
-    gy = np.array([p.step_s for p in pre if math.isfinite(p.step_s)], dtype=float)
-    if len(gx) >= 2 and np.ptp(gx) > 0:
-        slope, base1 = np.polyfit(gx, gy, 1)
-        a_dec = max(0.0, float(slope))
-        base1 = float(np.median(gy - a_dec * gx))
-    else:
-        a_dec, base1 = 0.0, float(dec[0].step_s)
-    # 2. batched decode steps: base(B) = step - f*a_dec*ctx (f folded into a_dec here)
-    base_dec = [(p.size, max(1e-6, p.step_s - a_dec * p.ctx_sum)) for p in dec]
-    c0 = min([base1] + [b for n, b in base_dec if n <= 2])
-    # 3. frontend latency: TTFT of the shortest prompt minus one short step
-    shortest = min(pre, key=lambda p: p.size)
-    frontend = max(0.0, shortest.ttft_s - max(c0, base1))
-    # 4. linear part from prefill steps (and large decode batches) above the floor
-    pts = [(float(p.size), p.ttft_s - frontend) for p in pre] + [(float(n), b) for n, b in base_dec]
-    above = [(n, t) for n, t in pts if t > c0 * 1.05]
-    if len(above) >= 2:
-        xs = np.array([n for n, _ in above])
-        ys = np.array([t for _, t in above])
-        c2, c1 = np.polyfit(xs, ys, 1)
-        c2 = max(0.0, float(c2))
-        c1 = max(0.0, float(c1))
-    else:
-        c1, c2 = c0, 0.0
+    # Observations y = frontend*[ttft] + c1 + c2*n + a_dec*ctx + a_pre*n^2/2*[ttft],
+    # each weighted by 1/y
+    # (relative error). Points in the flat regime (a step of few tokens costs c0, the
+    # memory-bound floor) are left out of the linear fit, iteratively.
+    rows: list[tuple[float, float, float, float, str, int]] = []  # (is_ttft, n, ctx, y, kind, size)
+    for p in pre:
+        rows.append((1.0, float(p.size), 0.0, p.ttft_s, "ttft", p.size))
+        if math.isfinite(p.step_s):
+            rows.append((0.0, 1.0, float(p.size), p.step_s, "decode1", p.size))
+    for p in dec:
+        rows.append((0.0, float(p.size), p.ctx_sum, p.step_s, "decodeB", p.size))
+    c0 = min(p.step_s for p in dec if p.size == min(q.size for q in dec))
+    use = [True] * len(rows)
+    coef: np.ndarray = np.zeros(5)
+    for _ in range(6):
+        a = np.array(
+            [[r[0], 1.0, r[1], r[2], r[0] * r[1] * r[1] / 2] for r, u in zip(rows, use, strict=True) if u]
+        )
+        y = np.array([r[3] for r, u in zip(rows, use, strict=True) if u])
+        if len(y) < 3:
+            break
+        w = 1.0 / y
+        coef, *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
+        coef = np.maximum(coef, 0.0)
+        frontend, c1, c2, a_dec, a_pre = (float(x) for x in coef)
+        # the floor: the smallest decode step with the attention share removed
+        c0 = min(r[3] - r[0] * frontend - a_dec * r[2] for r in rows if r[4] != "ttft" and r[1] <= 2)
+        new_use = [c1 + c2 * r[1] >= c0 for r in rows]
+        if new_use == use:
+            break
+        use = new_use
+    frontend, c1, c2, a_dec, a_pre = (float(x) for x in coef)
+    c0 = max(c0, 0.0)
+
     step = StepCost(
         overhead_ms=0.0,
         linear=LinearCost(
             c0_ms=round(c0 * 1e3, 4), c1_ms=round(c1 * 1e3, 4), c2_us_per_token=round(c2 * 1e6, 4)
         ),
         decode_attention_ns_per_context_token=round(a_dec * 1e9, 3),
-        prefill_attention_ns_per_pair=0.0,
+        prefill_attention_ns_per_pair=round(a_pre * 1e9, 4),
     )
     today = _dt.date.today().isoformat()
     profile = Profile(
@@ -260,16 +268,10 @@ def _fit(
         ),
     )
 
-    def base(n: float) -> float:
-        return max(c0, c1 + c2 * n)
-
-    res: list[tuple[str, int, float, float]] = []
-    for p in pre:
-        res.append(("ttft", p.size, p.ttft_s, frontend + base(p.size)))
-        if math.isfinite(p.step_s):
-            res.append(("decode1", p.size, p.step_s, base(1) + a_dec * p.size))
-    for p in dec:
-        res.append(("decodeB", p.size, p.step_s, base(p.size) + a_dec * p.ctx_sum))
+    res = [
+        (kind, size, y, ttft * (frontend + a_pre * n * n / 2) + max(c0, c1 + c2 * n) + a_dec * ctx)
+        for ttft, n, ctx, y, kind, size in rows
+    ]
     return Calibration(profile=profile, probes=probes, frontend_s=frontend, residuals=res)
 
 
