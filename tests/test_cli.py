@@ -38,6 +38,12 @@ def llmpool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         (["bench", "--scenario", "gie", "--policies", 'impact:{"predictor": {"name": "zzz"}}'], "zzz"),
         (["bench", "--scenario", "gie", "--json", "."], "is a directory"),
         (["frobnicate"], "invalid choice"),
+        (["emulate", "--port", "70000"], "--port"),
+        (["emulate", "--port", "0", "--profile", "nope"], "unknown profile 'nope'"),
+        (["emulate", "--port", "0", "--time-scale", "0"], "--time-scale"),
+        (["replay", "--endpoints", "nohost", "--workload", "small-mix"], "--endpoints"),
+        (["replay", "--endpoints", "h:1", "--workload", "small-mix", "--policies", "bogus"], "bogus"),
+        (["calibrate", "--endpoint", "http://127.0.0.1:9"], "cannot reach the server"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args: list[str], needle: str) -> None:

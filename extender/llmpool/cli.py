@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive a live server (vLLM or the emulator) through prefill and decode probes, one "
         "sweep at a time, and fit the step-cost profile the simulator and the impact policy use.",
     )
-    c.add_argument("--endpoint", required=True, help="server URL (http://HOST:PORT); it should be idle")
+    c.add_argument("--endpoint", required=True, help="server URL (http://HOST:PORT), otherwise idle")
     c.add_argument("--out", metavar="PROFILE", help="write the fitted profile YAML here")
     c.add_argument("--name", default="calibrated", help="profile name (default calibrated)")
     c.add_argument("--hardware", default="", help="what the server runs on, for the provenance")
@@ -331,7 +331,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, flush=True)
 
-    print(f"llmpool calibrate: probing {args.endpoint} (keep other traffic off it)", file=sys.stderr)
     try:
         cal = asyncio.run(
             calibrate(
