@@ -94,10 +94,12 @@ class _HoldN(Policy):
 def test_dispatcher_holds_ticks_and_survives_policy_errors() -> None:
     async def main() -> None:
         ds = Datastore([Endpoint.parse("a:1"), Endpoint.parse("b:2")])
+        for i in (0, 1):
+            ds.scraped(i, _metrics(), now=0.0)
         pol = _HoldN(holds=3)
         d = Dispatcher(pol, ds, tick_s=0.001)
-        idx, fl = await asyncio.wait_for(d.route(_req(1)), 1.0)
-        assert idx == 1 and ds.states[1].inflight == 1 and d.holds == 3
+        fl = await asyncio.wait_for(d.route(_req(1)), 1.0)
+        assert fl.endpoint == 1 and ds.states[1].inflight == 1 and d.holds == 3
         with pytest.raises(DispatchError, match="bad request"):
             await d.route(_req(-1))
         assert d.queued == 0
@@ -111,6 +113,75 @@ def test_dispatcher_holds_ticks_and_survives_policy_errors() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert d.queued == 0
+        d.close()
+
+    asyncio.run(main())
+
+
+def test_datastore_membership_changes_keep_state_and_flights() -> None:
+    ds = Datastore([Endpoint.parse("a:1"), Endpoint.parse("b:2")])
+    assert all(st.stale for st in ds.states)  # no metrics yet
+    ds.scraped("b:2", _metrics(running=3), now=1.0)
+    fl = ds.assign(1, _req(1, 50), now=1.0)
+    added, removed = ds.set_endpoints([Endpoint.parse("c:3"), Endpoint.parse("b:2")])
+    assert (added, removed) == (["c:3"], ["a:1"])
+    assert [st.name for st in ds.view.endpoints] == ["c:3", "b:2"]
+    assert [st.index for st in ds.states] == [0, 1]
+    b = ds.states[1]
+    assert b.running == 3 and b.inflight == 1 and fl.endpoint == 1 and not b.stale
+    ds.set_endpoints([Endpoint.parse("c:3")])
+    assert fl.endpoint == -1  # left the pool; its request still finishes cleanly
+    assert ds.complete(fl) and not ds.complete(fl)
+    assert b.inflight == 0
+    with pytest.raises(ValueError, match="duplicate endpoints: c:3"):
+        ds.set_endpoints([Endpoint.parse("c:3"), Endpoint.parse("c:3")])
+
+
+class _Fixed(Policy):
+    name = "fixed"
+
+    def __init__(self, order: tuple[int, ...]) -> None:
+        self.order = order
+        self.assigned: list[int] = []
+
+    def decide(self, request: Request, view: PoolView) -> Decision:
+        return Route(self.order)
+
+    def on_assigned(self, request: Request, endpoint: int, now: float) -> None:
+        self.assigned.append(endpoint)
+
+
+def test_dispatcher_subset_down_and_stale_bypass() -> None:
+    async def main() -> None:
+        eps = [Endpoint.parse(f"10.0.0.{i}:8000") for i in range(3)]
+        ds = Datastore(eps)
+        for i in range(3):
+            ds.scraped(i, _metrics(), now=0.0)
+        pol = _Fixed((0, 1, 2))
+        d = Dispatcher(pol, ds, max_endpoints=2)
+        fl = await d.route(_req(1))
+        assert fl.route == ("10.0.0.0:8000", "10.0.0.1:8000")
+        # subset hint: the policy's order narrowed to the eligible endpoints
+        fl = await d.route(_req(2), eligible=lambda st: st.name != "10.0.0.0:8000")
+        assert fl.route == ("10.0.0.1:8000", "10.0.0.2:8000") and pol.assigned[-1] == 1
+        # an endpoint whose /metrics refuses connections is never chosen
+        ds.scrape_failed(1, "refused", now=0.1, unreachable=True)
+        fl = await d.route(_req(3), eligible=lambda st: st.name != "10.0.0.0:8000")
+        assert fl.route == ("10.0.0.2:8000",)
+        # the policy named none of the eligible endpoints: least in-flight among them
+        pol.order = (0,)
+        ds.scraped(1, _metrics(), now=0.2)
+        ds.assign(2, _req(40), now=0.2)
+        fl = await d.route(_req(4), eligible=lambda st: st.index in (1, 2))
+        assert fl.endpoint == 1  # endpoint 2 has two requests in flight, endpoint 1 one
+        with pytest.raises(DispatchError, match="no eligible endpoint"):
+            await d.route(_req(5), eligible=lambda st: False)
+        # every candidate stale: the policy is bypassed, least in-flight wins
+        for st in ds.states:
+            st.stale = True
+        before = d.bypassed
+        fl = await d.route(_req(6))
+        assert d.bypassed == before + 1 and fl.endpoint == 0 and pol.assigned[-1] == 0
         d.close()
 
     asyncio.run(main())

@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 from llmpool.lab.engine import Engine, EngineRequest, StepGroup
 from llmpool.lab.metrics import RequestLog, RunSummary, summarize
+from llmpool.routing.driver import DispatchError, dispatch_round, note_assigned, note_finished, note_scraped
 from llmpool.routing.policy import Policy
 from llmpool.routing.profile import PS_PER_S, EngineConfig, Profile, StepTimer
-from llmpool.routing.types import ActiveRequest, EndpointState, Hold, PoolView, Request, Route
+from llmpool.routing.types import ActiveRequest, EndpointState, PoolView, Request, Route
 
 _GROUP, _DISPATCH, _ARRIVAL, _TICK, _SAMPLE = 0, 1, 2, 3, 4
 
@@ -114,11 +115,11 @@ class Simulator:
                 self.ep_group.append(group)
                 self.ep_engine.append(e)
         self.view = PoolView(now=0.0, endpoints=self.endpoints, queue=())
+        self._place_ps = 0
         self.scrape_ps = round(self.cfg.scrape_interval_s * PS_PER_S)
         self.tick_ps = round(self.cfg.tick_s * PS_PER_S)
         self.sample_ps = round(self.cfg.sample_interval_s * PS_PER_S)
         self.last_scrape_ps = -(1 << 62)
-        self.scrape_epoch = 0
 
     # ------------------------------------------------------------------ view
     def _active_source(self, idx: int) -> Callable[[], Sequence[ActiveRequest]]:
@@ -162,12 +163,9 @@ class Simulator:
                 st.waiting = s.waiting
                 st.kv_usage = s.kv_usage
                 st.inflight_output_tokens = s.output_tokens
-                st.scraped_at = now_s
-                st.pending_since_scrape = 0
-                st.pending_tokens_since_scrape = 0
+                note_scraped(st, now_s)
                 idx += 1
         self.last_scrape_ps = now_ps
-        self.scrape_epoch += 1
 
     # ------------------------------------------------------------------ run
     def run(
@@ -181,7 +179,6 @@ class Simulator:
         push = heapq.heappush
         pop = heapq.heappop
         it = iter(items)
-        queue_items: deque[SimItem] = deque()
         queue_reqs: deque[Request] = deque()
         self.view.queue = queue_reqs
         log = RequestLog()
@@ -224,63 +221,51 @@ class Simulator:
 
         window = max(1, int(getattr(policy, "queue_window", 1)))
 
+        items_by_req: dict[int, SimItem] = {}
+
+        def fail(req: Request, err: DispatchError) -> None:
+            raise SimulationError(str(err)) from err.__cause__
+
         def dispatch(now_ps: int) -> None:
-            nonlocal seq, tick_pending, rejected
-            # Offer queued requests in order; a Hold skips past a request, but only
-            # ``window`` requests may be skipped (window 1 = head-of-line blocking).
-            pos = 0
-            held = False
-            while pos < len(queue_reqs) and pos < window:
-                if now_ps - self.last_scrape_ps >= self.scrape_ps:
-                    self._scrape(now_ps)
-                req = queue_reqs[pos]
-                self.view.now = now_ps / PS_PER_S
-                decision = policy.decide(req, self.view)
-                if isinstance(decision, Hold):
-                    held = True
-                    pos += 1
-                    continue
-                if not isinstance(decision, Route) or not decision.endpoints:
-                    raise SimulationError(f"policy {policy.name!r} returned {decision!r}")
-                idx = decision.endpoints[0]
-                if not 0 <= idx < n_ep:
-                    raise SimulationError(f"policy {policy.name!r} chose endpoint {idx}; the pool has {n_ep}")
-                if pos == 0:
-                    queue_reqs.popleft()
-                    item = queue_items.popleft()
-                else:
-                    del queue_reqs[pos]
-                    item = queue_items[pos]
-                    del queue_items[pos]
-                engine = ep_engine[idx]
-                if not engine.fits(req.prompt_tokens, item.output_tokens):
-                    rejected += 1
-                    continue
-                er = EngineRequest(
+            nonlocal seq, tick_pending
+            if now_ps - self.last_scrape_ps >= self.scrape_ps:
+                self._scrape(now_ps)
+            self._place_ps = now_ps
+            self.view.now = now_ps / PS_PER_S
+            held, _ = dispatch_round(policy, self.view, queue_reqs, window, place, fail)
+            if held and queue_reqs and not tick_pending:
+                push(heap, (now_ps + self.tick_ps, _TICK, seq, 0, None))
+                seq += 1
+                tick_pending = True
+
+        def place(req: Request, route: Route) -> int | None:
+            nonlocal seq, rejected
+            now_ps = self._place_ps
+            idx = route.endpoints[0]
+            item = items_by_req.pop(id(req))
+            engine = ep_engine[idx]
+            if not engine.fits(req.prompt_tokens, item.output_tokens):
+                rejected += 1
+                return None
+            epoch = note_assigned(endpoints[idx], req.prompt_tokens)
+            engine.add(
+                EngineRequest(
                     req.id,
                     req.prompt_tokens,
                     item.output_tokens,
                     req.prefix_hashes,
                     req.hash_block_tokens,
-                    _Flight(item, idx, now_ps, self.scrape_epoch),
-                )
-                engine.add(er, now_ps)
-                st = endpoints[idx]
-                st.inflight += 1
-                st.inflight_prompt_tokens += req.prompt_tokens
-                st.pending_since_scrape += 1
-                st.pending_tokens_since_scrape += req.prompt_tokens
-                group = ep_group[idx]
-                if not group.busy:
-                    if group.plan(now_ps):
-                        schedule_group(group)
-                elif group.interrupt(now_ps):
+                    _Flight(item, idx, now_ps, epoch),
+                ),
+                now_ps,
+            )
+            group = ep_group[idx]
+            if not group.busy:
+                if group.plan(now_ps):
                     schedule_group(group)
-                policy.on_assigned(req, idx, now_ps / PS_PER_S)
-            if held and queue_reqs and not tick_pending:
-                push(heap, (now_ps + self.tick_ps, _TICK, seq, 0, None))
-                seq += 1
-                tick_pending = True
+            elif group.interrupt(now_ps):
+                schedule_group(group)
+            return idx
 
         next_arrival()
         while heap:
@@ -305,12 +290,7 @@ class Simulator:
                         r.generated,
                         r.preemptions,
                     )
-                    st = endpoints[fl.endpoint]
-                    st.inflight -= 1
-                    st.inflight_prompt_tokens -= r.prompt
-                    if fl.scrape_epoch == self.scrape_epoch and st.pending_since_scrape > 0:
-                        st.pending_since_scrape -= 1
-                        st.pending_tokens_since_scrape -= r.prompt
+                    note_finished(endpoints[fl.endpoint], r.prompt, fl.scrape_epoch)
                     policy.on_completed(req, fl.endpoint, r.generated, now_s)
                 done_count += len(finished)
                 if progress is not None and done_count >= progress_every:
@@ -330,7 +310,7 @@ class Simulator:
                     dispatch(t)
             elif kind == _ARRIVAL:
                 obj.request.prediction = None  # a new arrival carries no prediction yet
-                queue_items.append(obj)
+                items_by_req[id(obj.request)] = obj
                 queue_reqs.append(obj.request)
                 next_arrival()
                 dispatch(t)

@@ -98,6 +98,7 @@ class EndpointState:
     kv_capacity_tokens: int = 0
     scraped_at: float = float("-inf")
     stale: bool = False
+    scrape_epoch: int = 0  # scrapes so far (see llmpool.routing.driver)
     # router-side
     inflight: int = 0
     inflight_prompt_tokens: int = 0

@@ -99,7 +99,8 @@ async def _one(
 ) -> None:
     req = replace(item.request, prediction=None)
     arrival = clock() - start
-    idx, fl = await dispatcher.route(req)
+    fl = await dispatcher.route(req)
+    idx = ds.endpoints.index(fl.target)
     dispatched = clock() - start
     body: dict[str, object] = {
         "prompt": prompt_ids(item, seed),
@@ -116,7 +117,7 @@ async def _one(
     usage_tokens = -1
     error = ""
     try:
-        async with session.post(f"{ds.endpoints[idx].url}/v1/completions", json=body) as resp:
+        async with session.post(f"{fl.target.url}/v1/completions", json=body) as resp:
             if resp.status != 200:
                 text = (await resp.text())[:200]
                 raise ReplayError(f"HTTP {resp.status}: {text}")
