@@ -148,6 +148,59 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=_positive_int, default=3, help="repeats per probe")
     c.set_defaults(func=_cmd_calibrate)
 
+    x = sub.add_parser(
+        "extender",
+        help="run the endpoint picker (Envoy ext_proc server for the Gateway API Inference Extension)",
+        description="Run the endpoint picker: an Envoy ext_proc gRPC server that routes each LLM request "
+        "with the configured policy, fed by live vLLM metrics. Endpoints come from --static-endpoints, "
+        "or from a Kubernetes watch of an InferencePool's pods (--pool-name) or a label selector.",
+    )
+    x.add_argument(
+        "--config",
+        "--config-file",
+        dest="config",
+        metavar="FILE",
+        help="picker config YAML (policy, scrape, saturation...); reloaded on change; "
+        "default: built-in defaults",
+    )
+    x.add_argument("--static-endpoints", metavar="HOST:PORT,...", help="a fixed pool instead of Kubernetes")
+    x.add_argument("--pool-name", help="InferencePool to serve (inference.networking.k8s.io/v1)")
+    x.add_argument(
+        "--pool-namespace",
+        default=os.environ.get("NAMESPACE", "default"),
+        help="namespace of the pool and its pods (default: $NAMESPACE or 'default')",
+    )
+    x.add_argument("--endpoint-selector", metavar="K=V,...", help="pod label selector (instead of a pool)")
+    x.add_argument(
+        "--endpoint-target-ports",
+        metavar="PORT,...",
+        default="8000",
+        help="target ports with --endpoint-selector (default 8000)",
+    )
+    x.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    x.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
+    x.add_argument(
+        "--health-port",
+        "--grpc-health-port",
+        dest="health_port",
+        type=int,
+        default=9003,
+        help="gRPC health port (default 9003)",
+    )
+    x.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (default 9090)")
+    x.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    x.add_argument("--plaintext", action="store_true", help="serve ext_proc without TLS")
+    x.add_argument("--cert-path", help="directory with tls.crt and tls.key (default: self-signed)")
+    x.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long open streams may take to finish (default 30)",
+    )
+    x.add_argument("--log-format", choices=("json", "text"), default="json", help="log format (default json)")
+    x.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    x.set_defaults(func=_cmd_extender)
+
     s = sub.add_parser("scenarios", help="list the lab's named scenarios")
     s.set_defaults(func=_cmd_scenarios)
     pl = sub.add_parser("policies", help="list the registered routing policies")
@@ -262,6 +315,61 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise _UsageError(str(err)) from None
     return 0
+
+
+def _cmd_extender(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from llmpool.logs import setup_logging
+    from llmpool.picker.config import PickerConfig, load_config
+    from llmpool.picker.discovery import PodSource, StaticSource
+    from llmpool.picker.server import PickerServer, ServerOptions
+
+    for flag in ("grpc_port", "health_port", "metrics_port"):
+        v = getattr(args, flag)
+        if not 0 <= v <= 65535:
+            raise _UsageError(f"--{flag.replace('_', '-')} must be in 0..65535, got {v}")
+    modes = sum(x is not None for x in (args.static_endpoints, args.pool_name, args.endpoint_selector))
+    if modes != 1:
+        raise _UsageError("give exactly one of --static-endpoints, --pool-name, --endpoint-selector")
+    setup_logging(args.log_format, args.log_level)
+    cfg = load_config(args.config) if args.config else PickerConfig()
+    source: StaticSource | PodSource
+    try:
+        if args.static_endpoints is not None:
+            source = StaticSource.from_text(args.static_endpoints)
+        elif args.pool_name:
+            source = PodSource(args.pool_namespace, pool=args.pool_name, kubeconfig=args.kubeconfig)
+        else:
+            selector = dict(_kv(p) for p in args.endpoint_selector.split(",") if p.strip())
+            ports = [int(p) for p in args.endpoint_target_ports.split(",") if p.strip()]
+            source = PodSource(
+                args.pool_namespace, selector=selector, ports=ports, kubeconfig=args.kubeconfig
+            )
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    opts = ServerOptions(
+        grpc_port=args.grpc_port,
+        health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        plaintext=args.plaintext,
+        cert_path=args.cert_path,
+        drain_s=args.drain_seconds,
+    )
+    server = PickerServer(cfg, source, opts, config_path=args.config)
+    try:
+        asyncio.run(server.run())
+    except OSError as err:
+        raise _UsageError(f"cannot serve: {err.strerror or err}") from None
+    return 0
+
+
+def _kv(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep or not k.strip():
+        raise ValueError(f"selector entry {text!r} must look like key=value")
+    return k.strip(), v.strip()
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

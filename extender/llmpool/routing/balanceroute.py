@@ -778,7 +778,8 @@ class BalanceRouteH(BalanceRoute):
 
     # ------------------------------------------------------------------ interface
     def on_completed(self, request: Request, endpoint: int, output_tokens: int, now: float) -> None:
-        self.predictor.observe(request, output_tokens)
+        if output_tokens >= 0:  # < 0: the response failed; nothing to learn
+            self.predictor.observe(request, output_tokens)
         self._fresh.pop(request.id, None)
         super().on_completed(request, endpoint, output_tokens, now)
 

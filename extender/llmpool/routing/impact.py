@@ -341,7 +341,8 @@ class ImpactPolicy(Policy):
                 self._pred_sum[name] = left
             else:
                 self._pred_sum.pop(name, None)
-        self.predictor.observe(request, output_tokens)
+        if output_tokens >= 0:  # < 0: the response failed; nothing to learn
+            self.predictor.observe(request, output_tokens)
 
 
 def register_impact(reg: PolicyRegistry) -> None:

@@ -85,8 +85,9 @@ class Policy(abc.ABC):
     * one dispatch *round* offers held requests in arrival order with one frozen
       ``view.now``; policies may cache a round's plan keyed by it;
     * ``on_completed`` is called on every exit path of an assigned request, failures and
-      client disconnects included (with the tokens seen so far), so per-request state
-      never outlives the request.
+      client disconnects included, so per-request state never outlives the request;
+      ``output_tokens`` is -1 when the response failed or its length is unknown (there is
+      nothing to learn from it).
     """
 
     name: ClassVar[str] = ""

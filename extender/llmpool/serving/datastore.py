@@ -236,6 +236,20 @@ class Datastore:
         st.inflight_output_tokens -= fl.active.generated_tokens
         return True
 
+    def move(self, fl: Flight, slot: Slot) -> None:
+        """``fl`` is really served by ``slot`` (the gateway retried down the fallback list)."""
+        old = fl.slot
+        if old is slot or old.flights.pop(id(fl), None) is None:
+            return
+        n = fl.request.prompt_tokens
+        gen = fl.active.generated_tokens
+        note_finished(old.state, n, fl.epoch)
+        old.state.inflight_output_tokens -= gen
+        fl.slot = slot
+        fl.epoch = note_assigned(slot.state, n)
+        slot.state.inflight_output_tokens += gen
+        slot.flights[id(fl)] = fl
+
     def inflight_total(self) -> int:
         return sum(len(s.flights) for s in self.slots)
 
