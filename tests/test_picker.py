@@ -48,6 +48,7 @@ def _picker(policy: str = "least-requests", **cfg: Any) -> tuple[ExtProcServicer
     ds = Datastore([Endpoint.parse(e) for e in EPS])
     for i in range(len(EPS)):
         ds.scraped(i, ServerMetrics(engines={"0": EngineMetrics(0, 0, 0.1, 16, 1000)}), now=0.0)
+    cfg.setdefault("max_endpoints", 3)
     conf = PickerConfig(policy=PolicyConfig(name=policy), **cfg)
     director = Director(conf, ds, PickerMetrics())
     return ExtProcServicer(director), ds

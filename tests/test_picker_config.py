@@ -38,7 +38,7 @@ def test_empty_file_gives_defaults(text: str) -> None:
     cfg = parse_config(text, "picker.yaml")
     assert cfg.model_dump() == PickerConfig().model_dump() and cfg.step_profile is not None
     assert cfg.policy == PolicyConfig(name="impact")
-    assert cfg.profile == "a100-llama3-8b" and cfg.max_endpoints == 3
+    assert cfg.profile == "a100-llama3-8b" and cfg.max_endpoints == 1
     assert cfg.predictor_models == {} and cfg.objectives == {} and cfg.served_model_names == []
     assert cfg.scrape == ScrapeSettings(
         interval_s=0.05, timeout_s=1.0, stale_after_s=2.0, metrics_path="/metrics"

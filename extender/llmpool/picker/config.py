@@ -130,11 +130,12 @@ class PickerConfig(_Strict):
         "`llmpool calibrate`.",
     )
     max_endpoints: int = Field(
-        default=3,
+        default=1,
         ge=1,
         le=16,
-        description="Endpoints returned per request: the target first, then fallbacks the gateway may "
-        "retry in order (default 3).",
+        description="Endpoints returned per request: the target first, then fallbacks a gateway that "
+        "walks the list may retry in order. Default 1, like the reference picker: a plain Envoy "
+        "ORIGINAL_DST cluster accepts exactly one address.",
     )
     predictor_models: dict[NonEmptyStr, NonEmptyStr] = Field(
         default_factory=dict,

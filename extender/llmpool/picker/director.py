@@ -289,8 +289,9 @@ class Director:
             return Rejected(503, "no ready endpoint in the pool", "rejected-no-endpoints")
         if subset is None:
             return list(range(len(ds.states)))
-        wanted_hosts = {protocol.host_of(s) for s in subset}
-        wanted_names = set(subset)
+        # "ip:port" names exactly that endpoint; a bare "ip" every endpoint (rank) of that pod
+        wanted_names = {s for s in subset if protocol.host_of(s) != s}
+        wanted_hosts = {s for s in subset if protocol.host_of(s) == s}
         cands = [i for i, ep in enumerate(ds.endpoints) if ep.name in wanted_names or ep.host in wanted_hosts]
         if not cands:
             return Rejected(
