@@ -322,3 +322,28 @@ def test_config_reload_mid_stream(emulators: Any, picker: Any, envoy: Any) -> No
     text = p.metrics_text()
     assert metric(text, "llmpool_decisions_total", policy="round-robin") == 5
     assert metric(text, "llmpool_config_reloads_total", result="invalid") == 1
+
+
+def test_tls_to_the_picker_and_graceful_drain(emulators: Any, picker: Any, envoy: Any) -> None:
+    emus = emulators(1, time_scale=1)
+    p = picker(emus, config={"policy": "round-robin"}, plaintext=False, drain_seconds=15)
+    gw = envoy(picker=p)  # TLS to the picker's self-signed certificate, no verification
+    assert p.tls
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as s:
+            assert (await _post(s, gw.url, _body(2)))[0] == 200
+            stream = asyncio.create_task(_post(s, gw.url, _body(150, stream=True)))
+            await asyncio.sleep(0.5)
+            assert p.proc is not None
+            p.proc.terminate()  # SIGTERM mid-stream: not serving any more, open streams drain
+            deadline = time.monotonic() + 5
+            while await asyncio.to_thread(p.health, "readiness") != "NOT_SERVING":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(p.health, "liveness") == "SERVING"
+            st, raw = await stream
+            assert _completion_tokens(st, raw, True) == 150 and raw.endswith(b"data: [DONE]\n\n")
+
+    _run(main())
+    assert p.proc is not None and p.proc.wait(timeout=20) == 0
