@@ -459,3 +459,14 @@ def test_unexpected_failure_is_a_grpc_error_not_a_crash() -> None:
     ctx = asyncio.run(main())
     assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.INTERNAL
     assert ds.inflight_total() == 0
+
+
+def test_token_estimate_is_corrected_by_usage() -> None:
+    servicer, _ = _picker()
+    d = servicer.director
+    text = "word " * 400  # 2000 bytes: estimated 500 tokens
+    p = parse_request(orjson.dumps({"model": "m", "prompt": text}), chat=False)
+    assert p.prompt_tokens == 500 and not p.exact_tokens and len(p.prefix_hashes) == 2000 // 256
+    for _ in range(200):  # the server keeps saying 400
+        d.tokens.observe(500, 400)
+    assert d.tokens.scale(500) == 400

@@ -3,10 +3,10 @@
 BPE tokenizers of current LLMs average about four characters of English per token,
 split words into pieces and give most punctuation a token of its own. The estimate
 mirrors that: a run of up to five word characters (with its leading space) is one
-token, and so is each other non-space character. It is what the emulator counts
-(so an emulated server and the picker agree exactly) and the picker's fallback when
-it has no tokenizer for the served model; `llmpool calibrate` reports how far it is
-from a real server's counts.
+token, and so is each other non-space character. It is what the emulator counts;
+`llmpool calibrate` reports how far it is from a real server's counts. (The picker,
+which must stay cheap on 100k-token prompts, estimates from the byte size instead and
+corrects that by the servers' usage counts.)
 """
 
 from __future__ import annotations

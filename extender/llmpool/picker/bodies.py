@@ -2,10 +2,12 @@
 
 Requests: ``/v1/completions`` and ``/v1/chat/completions`` bodies are parsed once with
 orjson into what routing needs (model, prompt token count, prompt-prefix block hashes,
-max tokens, streaming). Prompt tokens come from the served model's tokenizer when one
-is configured (the ``tokenizers`` package), otherwise from :mod:`llmpool.tokens`'s
-estimate. A body is re-serialised only when the picker has to change it: a model-name
-rewrite, or asking a streamed request for its usage chunk.
+max tokens, streaming). Prompt tokens are exact for token-id prompts and when the served
+model's tokenizer is configured (the ``tokenizers`` package); otherwise they are
+estimated from the prompt's size in bytes, which the director corrects online by the
+servers' own counts (``usage.prompt_tokens``). A body is re-serialised only when the
+picker has to change it: a model-name rewrite, or asking a streamed request for its
+usage chunk.
 
 Responses: :class:`ResponseTap` watches the response body on its way back to the
 client: it counts streamed tokens (one per content chunk: vLLM sends one chunk per
@@ -18,6 +20,7 @@ through byte for byte, immediately.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +29,17 @@ import orjson
 
 from llmpool import tokens
 
-#: Block size (tokens) of the prefix hashes the picker derives from prompts. vLLM
-#: hashes full KV blocks of 16 tokens; the GIE approximate prefix scorer clamps to 64.
+#: Prefix hashes cover blocks of about 64 tokens: 64 token ids, or 256 bytes of prompt text
+#: (about four bytes per token). vLLM hashes full KV blocks of 16 tokens; the GIE
+#: approximate prefix scorer clamps its block to 64 tokens.
 PREFIX_BLOCK_TOKENS = 64
-_MAX_PREFIX_BLOCKS = 256  # hash at most the first 16k tokens
+PREFIX_BLOCK_BYTES = 256
+_MAX_PREFIX_BLOCKS = 256  # hash at most the first ~16k tokens
+#: Bytes per token of the estimate; the director corrects it online from the servers' usage.
+BYTES_PER_TOKEN = 4.0
+#: Tokens a chat template adds per message and to open the reply (generic template).
+CHAT_TOKENS_PER_MESSAGE = tokens.CHAT_TOKENS_PER_MESSAGE
+CHAT_TOKENS_REPLY = tokens.CHAT_TOKENS_REPLY
 
 
 class BadRequestError(ValueError):
@@ -46,26 +56,46 @@ class ParsedRequest:
     include_usage: bool  # the client asked for streamed usage itself
     chat: bool
     body: dict[str, Any]
+    exact_tokens: bool = False  # token ids or a real tokenizer, not an estimate
 
 
 TokenCounter = Callable[[str], list[int] | None]
 """Returns token ids for a text, or None when no tokenizer is configured."""
 
 
-def _stable_hash(prev: int, chunk: tuple[object, ...]) -> int:
-    h = hashlib.blake2b(repr((prev, chunk)).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little", signed=True)
+def _digest(prev: bytes, block: bytes) -> bytes:
+    return hashlib.blake2b(block, digest_size=8, key=prev).digest()
 
 
-def prefix_hashes(units: list[Any], block: int = PREFIX_BLOCK_TOKENS) -> tuple[int, ...]:
-    """Chained hashes of the full ``block``-unit chunks of a prompt (stable across processes)."""
+def text_prefix_hashes(data: bytes) -> tuple[int, ...]:
+    """Chained hashes of the full :data:`PREFIX_BLOCK_BYTES` blocks of a prompt's bytes."""
     out: list[int] = []
-    prev = 0
-    limit = min(len(units) // block, _MAX_PREFIX_BLOCKS)
-    for b in range(limit):
-        prev = _stable_hash(prev, tuple(units[b * block : (b + 1) * block]))
-        out.append(prev)
+    prev = b""
+    n = min(len(data) // PREFIX_BLOCK_BYTES, _MAX_PREFIX_BLOCKS)
+    for b in range(n):
+        prev = _digest(prev, data[b * PREFIX_BLOCK_BYTES : (b + 1) * PREFIX_BLOCK_BYTES])
+        out.append(int.from_bytes(prev, "little", signed=True))
     return tuple(out)
+
+
+def id_prefix_hashes(ids: list[int]) -> tuple[int, ...]:
+    """Chained hashes of the full :data:`PREFIX_BLOCK_TOKENS` blocks of a token-id prompt."""
+    out: list[int] = []
+    prev = b""
+    block = PREFIX_BLOCK_TOKENS
+    n = min(len(ids) // block, _MAX_PREFIX_BLOCKS)
+    for b in range(n):
+        try:
+            raw = array("q", ids[b * block : (b + 1) * block]).tobytes()
+        except OverflowError:
+            raw = repr(ids[b * block : (b + 1) * block]).encode()
+        prev = _digest(prev, raw)
+        out.append(int.from_bytes(prev, "little", signed=True))
+    return tuple(out)
+
+
+def estimate_tokens(nbytes: int) -> int:
+    return int(nbytes / BYTES_PER_TOKEN + 0.999) if nbytes else 0
 
 
 def _int_field(body: dict[str, Any], name: str) -> int | None:
@@ -78,7 +108,10 @@ def _int_field(body: dict[str, Any], name: str) -> int | None:
 
 
 def parse_request(raw: bytes, *, chat: bool, tokenize: TokenCounter | None = None) -> ParsedRequest:
-    """Parse an OpenAI completions (``chat=False``) or chat-completions body."""
+    """Parse an OpenAI completions (``chat=False``) or chat-completions body.
+
+    Cost is linear in the prompt but small: one orjson parse, one UTF-8 encode and a hash
+    per 256 bytes; no tokenizer unless one is configured."""
     if not raw:
         raise BadRequestError("empty request body")
     try:
@@ -90,24 +123,21 @@ def parse_request(raw: bytes, *, chat: bool, tokenize: TokenCounter | None = Non
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequestError("model not found in request body")
-    units: list[Any]
+    ids: list[int] | None = None
+    extra = 0
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequestError("'messages' must be a non-empty list")
-        try:
-            units = tokens.chat_pieces(messages)
-        except TypeError as err:
-            raise BadRequestError(f"invalid 'messages': {err}") from None
-        text = None
-        if tokenize is not None:
-            text = "".join(units)
+        text = _chat_text(body.get("messages"))
+        extra = CHAT_TOKENS_PER_MESSAGE * len(body["messages"]) + CHAT_TOKENS_REPLY
     else:
-        prompt = body.get("prompt")
-        units, text = _prompt_units(prompt)
-    ids = tokenize(text) if tokenize is not None and text is not None else None
+        text, ids = _prompt(body.get("prompt"))
+    if ids is None and tokenize is not None:
+        ids = tokenize(text)
+        extra = 0
     if ids is not None:
-        units = ids
+        n_tokens, hashes, exact = len(ids) + extra, id_prefix_hashes(ids), True
+    else:
+        data = text.encode("utf-8", "surrogatepass")
+        n_tokens, hashes, exact = estimate_tokens(len(data)) + extra, text_prefix_hashes(data), False
     max_tokens = _int_field(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int_field(body, "max_tokens")
@@ -116,30 +146,48 @@ def parse_request(raw: bytes, *, chat: bool, tokenize: TokenCounter | None = Non
     include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
     return ParsedRequest(
         model=model,
-        prompt_tokens=len(units),
-        prefix_hashes=prefix_hashes(units),
+        prompt_tokens=n_tokens,
+        prefix_hashes=hashes,
         max_tokens=max_tokens,
         stream=stream,
         include_usage=include_usage,
         chat=chat,
         body=body,
+        exact_tokens=exact,
     )
 
 
-def _prompt_units(prompt: Any) -> tuple[list[Any], str | None]:
-    """Token units of a completions ``prompt`` and its text (None for token ids)."""
+def _chat_text(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequestError("'messages' must be a non-empty list")
+    parts: list[str] = []
+    for msg in messages:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise BadRequestError("invalid 'messages': each message needs a string 'role'")
+        try:
+            content = tokens.message_text(msg.get("content"))
+        except TypeError as err:
+            raise BadRequestError(f"invalid 'messages': {err}") from None
+        parts.append(msg["role"])
+        parts.append(content)
+    return "\n".join(parts)
+
+
+def _prompt(prompt: Any) -> tuple[str, list[int] | None]:
+    """A completions ``prompt`` as text, or as token ids when it is given as ids."""
     if isinstance(prompt, str):
-        return tokens.pieces(prompt), prompt
+        return prompt, None
     if isinstance(prompt, list) and prompt:
         first = prompt[0]
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt), None
+            return "", list(prompt)
         if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
-            # a batch of prompts: route by the whole batch's size, prefix of the first
-            units = [u for p in prompt for u in tokens.pieces(p)]
-            return units, "".join(prompt)
-        if isinstance(first, list) and all(isinstance(p, list) for p in prompt):
-            return [u for p in prompt for u in p], None
+            return "".join(prompt), None  # a batch: routed by its whole size, prefix of the first
+        if isinstance(first, list) and all(
+            isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            for p in prompt
+        ):
+            return "", [t for p in prompt for t in p]
     raise BadRequestError("'prompt' must be a string, a list of strings or a list of token ids")
 
 

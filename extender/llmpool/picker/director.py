@@ -181,7 +181,7 @@ class Director:
         priority = self._priority(headers)
         if priority < 0 and self._saturated(cands):
             return Rejected(429, "system saturated, sheddable request dropped", "rejected-saturated")
-        est = parsed.prompt_tokens if self._tokenizer else self.tokens.scale(parsed.prompt_tokens)
+        est = parsed.prompt_tokens if parsed.exact_tokens else self.tokens.scale(parsed.prompt_tokens)
         req = Request(
             id=next(self._ids),
             arrival=t0,
@@ -259,8 +259,9 @@ class Director:
             usage = tap.usage
             if usage is not None:
                 self.metrics.completion_tokens.inc(max(0, usage.completion_tokens))
-                if usage.prompt_tokens > 0 and routed.parsed is not None and not self._tokenizer:
-                    self.tokens.observe(routed.parsed.prompt_tokens, usage.prompt_tokens)
+                parsed = routed.parsed
+                if usage.prompt_tokens > 0 and parsed is not None and not parsed.exact_tokens:
+                    self.tokens.observe(parsed.prompt_tokens, usage.prompt_tokens)
         self.dispatcher.finish(fl, tokens)
 
     # ------------------------------------------------------------------ helpers
