@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     x.set_defaults(func=_cmd_extender)
 
+    from llmpool.picker.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     s = sub.add_parser("scenarios", help="list the lab's named scenarios")
     s.set_defaults(func=_cmd_scenarios)
     pl = sub.add_parser("policies", help="list the registered routing policies")

@@ -43,6 +43,7 @@ class _Stream:
         "body",
         "body_mode",
         "headers",
+        "response_done",
         "response_mode",
         "routed",
         "sent_request",
@@ -61,6 +62,7 @@ class _Stream:
         self.sent_request = False  # the request side has been answered
         self.status = 0
         self.tap: ResponseTap | None = None
+        self.response_done = False  # the response ended (its end of stream was answered)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -81,6 +83,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     if out.HasField("immediate_response"):
                         done = True
                 if done:
+                    return
+                if st.response_done:
+                    # The exchange is over: end the call ourselves rather than wait for Envoy to
+                    # cancel it (cancelled grpc.aio calls leave native memory behind).
                     return
         except Exception as err:  # never crash the server: end this stream with INTERNAL
             self.director.metrics.stream_errors.inc()
@@ -242,5 +248,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return [protocol.buffered_body_response(request=False, body=out if changed else None)]
 
     def _finish(self, st: _Stream, *, complete: bool) -> None:
+        if complete:
+            st.response_done = True
         if st.routed is not None and not st.routed.finished:
             self.director.finish(st.routed, st.status, st.tap, complete=complete)
