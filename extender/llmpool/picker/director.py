@@ -152,7 +152,8 @@ class Director:
         cands = self._candidates(subset)
         if isinstance(cands, Rejected):
             return cands
-        idx = self.rng.choice(cands)
+        up = [i for i in cands if self.ds.routable(i) and not self.ds.states[i].stale]
+        idx = self.rng.choice(up or cands)
         return Routed(
             self.ds.endpoints[idx].name, self._forward_headers(headers), None, None, None, self.clock()
         )
