@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     x.set_defaults(func=_cmd_extender)
 
+    op = sub.add_parser(
+        "operator",
+        help="run the LLMPool Kopf operator (llmpool operator --help for its flags)",
+        add_help=False,
+    )
+    op.add_argument("rest", nargs=argparse.REMAINDER)
+    op.set_defaults(func=_cmd_operator)
+
     from llmpool.picker.bench import add_bench_parser
 
     add_bench_parser(sub)
@@ -369,6 +377,12 @@ def _cmd_extender(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from llmpool_operator.main import run as run_operator
+
+    return run_operator(list(args.rest))
+
+
 def _kv(text: str) -> tuple[str, str]:
     k, sep, v = text.partition("=")
     if not sep or not k.strip():
@@ -485,8 +499,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llmpool.routing.policy import ConfigError
     from llmpool.routing.profile import ProfileError
 
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["operator"]:  # the operator parses its own flags (kopf's, too)
+        from llmpool_operator.main import run as run_operator
+
+        return run_operator(raw[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(raw)
     try:
         rc: int = args.func(args)
         return rc

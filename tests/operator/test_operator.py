@@ -1,0 +1,473 @@
+"""The LLMPool operator under the real Kopf runtime against kmock (no kube-apiserver here).
+
+Kopf runs in a task on the test's event loop (``kopf.operator`` with the registry from
+``build_registry``); kmock serves on the same loop, and the operator's blocking
+``kubernetes`` client calls run in threads. Assertions use kmock's stored objects and its
+recorded requests (which child got a PATCH, which Event got POSTed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import kopf
+import kubernetes
+import pytest
+import yaml
+
+from llmpool_operator.handlers import (
+    OperatorConfig,
+    OperatorMetrics,
+    build_registry,
+    compute_status,
+    configure_settings,
+    is_subset,
+)
+from llmpool_operator.spec import parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_support() -> ModuleType:
+    name = "llmpool_tests_operator_kmock_support"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("kmock_support.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+support = _load_support()
+StampingEmulator = support.StampingEmulator
+
+NS = "default"
+POOL = "demo"
+POOL_PATH = f"/apis/llmpool.io/v1alpha1/namespaces/{NS}/llmpools/{POOL}"
+CHILD_PATHS = {
+    ("ServiceAccount", "demo-picker"): f"/api/v1/namespaces/{NS}/serviceaccounts/demo-picker",
+    ("Role", "demo-picker"): f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/demo-picker",
+    (
+        "RoleBinding",
+        "demo-picker",
+    ): f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings/demo-picker",
+    ("ConfigMap", "demo-picker"): f"/api/v1/namespaces/{NS}/configmaps/demo-picker",
+    ("Deployment", "demo-picker"): f"/apis/apps/v1/namespaces/{NS}/deployments/demo-picker",
+    ("Service", "demo-picker"): f"/api/v1/namespaces/{NS}/services/demo-picker",
+    ("Deployment", "demo-engine"): f"/apis/apps/v1/namespaces/{NS}/deployments/demo-engine",
+    ("Service", "demo-engine"): f"/api/v1/namespaces/{NS}/services/demo-engine",
+    ("InferencePool", "demo"): f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools/demo",
+}
+RESOURCES = {
+    "ServiceAccount": "v1/serviceaccounts",
+    "Role": "rbac.authorization.k8s.io/v1/roles",
+    "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings",
+    "ConfigMap": "v1/configmaps",
+    "Deployment": "apps/v1/deployments",
+    "Service": "v1/services",
+    "InferencePool": "inference.networking.k8s.io/v1/inferencepools",
+}
+
+
+def pool_body(**spec_overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"name": "tiny", "source": {"huggingFace": "org/tiny"}},
+        "accelerator": {"kind": "none"},
+        "replicas": 2,
+    }
+    spec.update(spec_overrides)
+    return {
+        "apiVersion": "llmpool.io/v1alpha1",
+        "kind": "LLMPool",
+        "metadata": {"name": POOL, "namespace": NS},
+        "spec": spec,
+    }
+
+
+# --- pure pieces -------------------------------------------------------------------------
+
+
+def test_is_subset_ignores_server_defaults_and_normalised_quantities() -> None:
+    want = {"spec": {"containers": [{"name": "a", "resources": {"limits": {"cpu": "1000m"}}, "env": []}]}}
+    have = {
+        "spec": {
+            "containers": [
+                {"name": "a", "resources": {"limits": {"cpu": "1"}}, "terminationMessagePath": "/x"}
+            ]
+        },
+        "status": {},
+    }
+    assert is_subset(want, have)
+    assert not is_subset({"spec": {"containers": [{"name": "b"}]}}, have)
+    assert not is_subset({"spec": {"containers": []}}, have)
+
+
+def test_compute_status_phases_and_conditions() -> None:
+    spec = parse_spec(pool_body(engine={"dataParallelSize": 2})["spec"])
+    engine = {
+        "metadata": {"generation": 3},
+        "status": {"observedGeneration": 3, "readyReplicas": 2, "updatedReplicas": 2},
+    }
+    st = compute_status(old_status={}, generation=4, spec=spec, engine=engine, selector="a=b", error=None)
+    assert st["phase"] == "Ready" and st["endpoints"] == 4 and st["readyReplicas"] == 2
+    assert st["effectivePolicy"] == "impact" and st["selector"] == "a=b" and st["observedGeneration"] == 4
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert set(conds) == {"Ready", "Progressing", "Degraded", "RoutingConfigured"}
+    assert conds["Ready"]["status"] == "True" and conds["Degraded"]["status"] == "False"
+    assert all(
+        {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"} <= set(c)
+        for c in conds.values()
+    )
+    # the transition time sticks while the status does not change
+    again = compute_status(old_status=st, generation=4, spec=spec, engine=engine, selector="a=b", error=None)
+    assert again["conditions"] == st["conditions"]
+    pending = compute_status(old_status={}, generation=1, spec=spec, engine={}, selector=None, error=None)
+    assert pending["phase"] == "Pending"
+    rolling = dict(engine, status={"observedGeneration": 3, "readyReplicas": 1, "updatedReplicas": 1})
+    assert (
+        compute_status(old_status={}, generation=1, spec=spec, engine=rolling, selector=None, error=None)[
+            "phase"
+        ]
+        == "Progressing"
+    )
+    bad = compute_status(
+        old_status=st, generation=5, spec=None, engine=None, selector="a=b", error="spec.x: bad"
+    )
+    assert bad["phase"] == "Degraded" and bad["lastError"] == "spec.x: bad"
+    assert {c["type"]: c["status"] for c in bad["conditions"]}["Degraded"] == "True"
+
+
+# --- manifests and scripts ------------------------------------------------------------------
+
+
+def _operator_docs() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((REPO / "manifests" / "operator").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_operator_manifests_are_valid() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = _operator_docs()
+    kinds = {d["kind"] for d in docs}
+    assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("kopf.dev/"):
+            continue  # a custom object (KopfPeering); its CRD is validated here
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    for need in [
+        ("llmpool.io", "llmpools"),
+        ("llmpool.io", "llmpools/status"),
+        ("llmpool.io", "llmpools/scale"),
+        ("apps", "deployments"),
+        ("", "services"),
+        ("", "serviceaccounts"),
+        ("", "configmaps"),
+        ("rbac.authorization.k8s.io", "roles"),
+        ("rbac.authorization.k8s.io", "rolebindings"),
+        ("inference.networking.k8s.io", "inferencepools"),
+        ("", "events"),
+        ("", "pods"),  # the picker's Role grants it; RBAC escalation rule
+    ]:
+        assert need in granted, need
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    assert "--peering" in " ".join(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_kind_script_parses() -> None:
+    script = REPO / "tests" / "e2e" / "kind" / "run.sh"
+    assert script.exists()
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_main_parses_flags() -> None:
+    from llmpool_operator.main import build_parser
+
+    args = build_parser().parse_args(["-n", "llm", "--peering", "llmpool", "--metrics-port", "0"])
+    assert args.namespace == ["llm"] and args.peering == "llmpool" and not args.standalone
+    args = build_parser().parse_args(["--all-namespaces", "--log-format", "json"])
+    assert args.all_namespaces and args.log_format == "json"
+
+
+# --- the operator against kmock --------------------------------------------------------------
+
+
+@pytest.fixture
+def kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kmock: Any) -> Path:
+    path = Path(support.write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url).rstrip("/"), NS))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_operator(
+    kmock: Any, *, drift_interval: float = 60.0, metrics: OperatorMetrics | None = None
+) -> AsyncIterator[OperatorMetrics]:
+    metrics = metrics or OperatorMetrics()
+    settings = kopf.OperatorSettings()
+    configure_settings(settings, posting=True, watch_timeout=10)
+    registry = build_registry(
+        OperatorConfig(picker_image="llmpool/llmpool:test", drift_interval=drift_interval, drift_idle=0.2),
+        metrics,
+    )
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            settings=settings,
+            standalone=True,
+            namespaces=[NS],
+            stop_flag=stop,
+            ready_flag=ready,
+        )
+    )
+    try:
+        await wait_for(lambda: _watching(kmock) or task.done(), what="the operator to watch llmpools")
+        if task.done():
+            task.result()
+        yield metrics
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=10)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _watching(kmock: Any) -> bool:
+    return any(
+        r.method is not None and "llmpools" in r.url.path and r.params.get("watch") for r in list(kmock)
+    )
+
+
+async def wait_for(cond: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            if cond():
+                return
+        except (KeyError, LookupError, TypeError):
+            pass
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def api(kmock: Any, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, str(kmock.url).rstrip("/") + path, json=body, headers=headers) as resp,
+    ):
+        assert resp.status < 300, (method, path, resp.status, await resp.text())
+        data = await resp.json(content_type=None)
+        return data if isinstance(data, dict) else {}
+
+
+def stored(kmock: Any, kind: str, name: str) -> dict[str, Any] | None:
+    import kmock as kmock_lib
+
+    key = (kmock_lib.resource(RESOURCES[kind]), NS, name)
+    if key not in kmock.objects or kmock.objects[key].deleted:
+        return None
+    return dict(kmock.objects[key].raw)
+
+
+def pool_status(kmock: Any) -> dict[str, Any]:
+    import kmock as kmock_lib
+
+    return dict(kmock.objects[kmock_lib.resource(support.LLMPOOLS), NS, POOL].raw.get("status") or {})
+
+
+def writes(kmock: Any, method: str, since: int = 0) -> list[str]:
+    """Paths of recorded requests of one method to our children, after request #since."""
+    child_paths = set(CHILD_PATHS.values())
+    out = []
+    for r in list(kmock)[since:]:
+        if not str(r.method).upper().endswith(method):
+            continue
+        path = r.url.path
+        if method == "POST" and isinstance(r.data, dict):  # creation goes to the collection
+            path = f"{path}/{(r.data.get('metadata') or {}).get('name')}"
+        if path in child_paths:
+            out.append(path)
+    return out
+
+
+async def create_pool_and_settle(kmock: Any, body: dict[str, Any]) -> dict[str, Any]:
+    created = await api(kmock, "POST", f"/apis/llmpool.io/v1alpha1/namespaces/{NS}/llmpools", body)
+    await wait_for(
+        lambda: all(stored(kmock, k, n) for k, n in CHILD_PATHS) and pool_status(kmock).get("phase"),
+        what="all children and a status",
+    )
+    return created
+
+
+pytestmark_kmock = pytest.mark.kmock(cls=StampingEmulator)
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytestmark_kmock
+async def test_create_makes_all_children_with_owner_references(kmock: Any, kubeconfig: Path) -> None:
+    support.register_crds(kmock)
+    metrics = OperatorMetrics()
+    async with running_operator(kmock, metrics=metrics):
+        created = await create_pool_and_settle(kmock, pool_body())
+        uid = created["metadata"]["uid"]
+        for kind, name in CHILD_PATHS:
+            child = stored(kmock, kind, name)
+            assert child is not None, (kind, name)
+            refs = child["metadata"]["ownerReferences"]
+            assert [r["uid"] for r in refs] == [uid], (kind, name)
+            assert refs[0]["kind"] == "LLMPool" and refs[0]["apiVersion"] == "llmpool.io/v1alpha1"
+            assert refs[0]["controller"] is (kind != "InferencePool"), kind
+        ipool = stored(kmock, "InferencePool", "demo")
+        assert ipool is not None and "status" not in ipool  # never writes status.parents
+        engine = stored(kmock, "Deployment", "demo-engine")
+        assert engine is not None and engine["spec"]["replicas"] == 2
+        await wait_for(lambda: pool_status(kmock).get("selector"), what="status.selector")
+        st = pool_status(kmock)
+        assert st["phase"] == "Pending" and st["replicas"] == 2 and st["readyReplicas"] == 0
+        assert st["effectivePolicy"] == "impact" and st["observedGeneration"] == 1
+        assert "llmpool.io/pool=demo" in st["selector"]
+        assert {c["type"] for c in st["conditions"]} == {
+            "Ready",
+            "Progressing",
+            "Degraded",
+            "RoutingConfigured",
+        }
+        # the Deployment reports ready → the timer (or the next reconcile) turns the pool Ready
+        assert len(writes(kmock, "POST")) == 9
+        created_total = sum(
+            s.value
+            for m in metrics.children.collect()
+            for s in m.samples
+            if s.name.endswith("_total") and s.labels.get("action") == "created"
+        )
+        assert created_total == 9
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytestmark_kmock
+async def test_routing_edit_patches_only_the_configmap_and_engine_edit_only_the_engine(
+    kmock: Any, kubeconfig: Path
+) -> None:
+    support.register_crds(kmock)
+    async with running_operator(kmock):
+        await create_pool_and_settle(kmock, pool_body())
+        await asyncio.sleep(0.3)
+        assert writes(kmock, "PATCH") == []  # no no-op patches after creation
+
+        mark = len(list(kmock))
+        await api(kmock, "PATCH", POOL_PATH, {"spec": {"routing": {"saturation": {"queueThreshold": 9}}}})
+        await wait_for(lambda: writes(kmock, "PATCH", mark), what="a child patch")
+        await wait_for(lambda: pool_status(kmock).get("observedGeneration") == 2, what="observedGeneration 2")
+        assert writes(kmock, "PATCH", mark) == [CHILD_PATHS["ConfigMap", "demo-picker"]]
+        cm = stored(kmock, "ConfigMap", "demo-picker")
+        assert cm is not None and "9" in yaml.safe_dump(cm["data"])
+
+        mark = len(list(kmock))
+        await api(kmock, "PATCH", POOL_PATH, {"spec": {"engine": {"maxNumSeqs": 7}}})
+        await wait_for(lambda: writes(kmock, "PATCH", mark), what="a child patch")
+        await wait_for(lambda: pool_status(kmock).get("observedGeneration") == 3, what="observedGeneration 3")
+        assert writes(kmock, "PATCH", mark) == [CHILD_PATHS["Deployment", "demo-engine"]]
+        engine = stored(kmock, "Deployment", "demo-engine")
+        assert engine is not None and "7" in " ".join(
+            engine["spec"]["template"]["spec"]["containers"][0]["args"]
+        )
+
+        # an autoscaler writing spec.replicas through the scale subresource: followed, not fought
+        mark = len(list(kmock))
+        await api(kmock, "PATCH", POOL_PATH + "/scale", {"spec": {"replicas": 3}})
+        await wait_for(lambda: (stored(kmock, "Deployment", "demo-engine") or {})["spec"]["replicas"] == 3)
+        assert writes(kmock, "PATCH", mark) == [CHILD_PATHS["Deployment", "demo-engine"]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytestmark_kmock
+async def test_timer_recreates_a_deleted_child_and_reverts_a_hand_edit(kmock: Any, kubeconfig: Path) -> None:
+    support.register_crds(kmock)
+    async with running_operator(kmock, drift_interval=0.5):
+        await create_pool_and_settle(kmock, pool_body())
+        svc = CHILD_PATHS["Service", "demo-picker"]
+        await api(kmock, "DELETE", svc)
+        assert stored(kmock, "Service", "demo-picker") is None
+        await wait_for(lambda: stored(kmock, "Service", "demo-picker"), what="the Service to come back")
+
+        picker = CHILD_PATHS["Deployment", "demo-picker"]
+        hand_edit = {"spec": {"template": {"spec": {"containers": [{"name": "picker", "image": "evil:1"}]}}}}
+        await api(kmock, "PATCH", picker, hand_edit)
+
+        def picker_image() -> str:
+            dep = stored(kmock, "Deployment", "demo-picker") or {}
+            return str(dep["spec"]["template"]["spec"]["containers"][0]["image"])
+
+        await wait_for(lambda: picker_image() == "llmpool/llmpool:test", what="the hand edit to be reverted")
+        dep = stored(kmock, "Deployment", "demo-picker")
+        assert dep is not None and len(dep["spec"]["template"]["spec"]["containers"][0]["args"]) > 3
+
+        # the vLLM Deployment reports ready replicas → the pool turns Ready with endpoints
+        engine = CHILD_PATHS["Deployment", "demo-engine"]
+        await api(
+            kmock,
+            "PATCH",
+            engine,
+            {"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}},
+        )
+        await wait_for(lambda: pool_status(kmock).get("phase") == "Ready", what="phase Ready")
+        assert pool_status(kmock)["endpoints"] == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytestmark_kmock
+async def test_invalid_spec_degrades_without_applying_anything(kmock: Any, kubeconfig: Path) -> None:
+    support.register_crds(kmock)
+    async with running_operator(kmock):
+        bad = pool_body(engine={"tensorParallelSize": 0})
+        await api(kmock, "POST", f"/apis/llmpool.io/v1alpha1/namespaces/{NS}/llmpools", bad)
+        await wait_for(lambda: pool_status(kmock).get("phase") == "Degraded", what="phase Degraded")
+        st = pool_status(kmock)
+        assert "tensorParallelSize" in st["lastError"]
+        cond = {c["type"]: c for c in st["conditions"]}["Degraded"]
+        assert cond["status"] == "True" and cond["reason"] == "InvalidSpec"
+        await wait_for(
+            lambda: any(
+                str(r.method).upper().endswith("POST")
+                and r.url.path.endswith("/events")
+                and "InvalidSpec" in r.text
+                for r in list(kmock)
+            ),
+            what="a warning Event",
+        )
+        assert writes(kmock, "POST") == [] and writes(kmock, "PATCH") == []
+
+        # fixing the spec recovers
+        await api(kmock, "PATCH", POOL_PATH, {"spec": {"engine": {"tensorParallelSize": 1}}})
+        await wait_for(lambda: pool_status(kmock).get("phase") == "Pending", what="recovery")
+        assert pool_status(kmock).get("lastError") is None
+        assert len(writes(kmock, "POST")) == 9
