@@ -446,6 +446,7 @@ class _Reconciler:
         self.metrics = metrics
         self.kube = kube
         self._locks: dict[str, asyncio.Lock] = {}
+        self._engine_seen: dict[str, tuple[Any, ...]] = {}
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -534,6 +535,86 @@ class _Reconciler:
             patch.status[key] = value
         return "ok"
 
+    async def follow_engine(self, engine: Any, event_type: Any, logger: Any) -> None:
+        """Copy a vLLM Deployment's readiness into its LLMPool's status (no full reconcile).
+
+        Runs on every watch event of an engine Deployment we own. It only acts when the
+        Deployment's readiness tuple changed since the last time it was applied, reads the
+        owning pool (one GET), and merge-patches ``status`` only when ``readyReplicas``,
+        ``endpoints``, ``phase`` or the conditions actually change. A pool that is degraded,
+        or whose latest generation is not reconciled yet, is left to the reconcile (which
+        reads the Deployment itself); any residual race is closed by the drift timer.
+        """
+        meta = engine.get("metadata") or {}
+        uid = str(meta.get("uid") or meta.get("name"))
+        if event_type == "DELETED":
+            self._engine_seen.pop(uid, None)
+            return
+        owner = next(
+            (
+                r
+                for r in meta.get("ownerReferences") or []
+                if r.get("kind") == "LLMPool" and str(r.get("apiVersion", "")).startswith(f"{GROUP}/")
+            ),
+            None,
+        )
+        if owner is None:
+            return
+        st = engine.get("status") or {}
+        seen = (
+            meta.get("generation"),
+            st.get("observedGeneration"),
+            st.get("replicas"),
+            st.get("readyReplicas"),
+            st.get("updatedReplicas"),
+        )
+        if self._engine_seen.get(uid) == seen:
+            return
+        namespace = meta.get("namespace")
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{owner['name']}"
+        async with self._lock(str(owner.get("uid") or owner["name"])):
+            pool = await asyncio.to_thread(self.kube.request, "GET", path)
+            if pool is None or (pool.get("metadata") or {}).get("uid") != owner.get("uid"):
+                return
+            old_status = dict(pool.get("status") or {})
+            generation = (pool.get("metadata") or {}).get("generation")
+            if (
+                old_status.get("observedGeneration") != generation
+                or old_status.get("lastError")
+                or old_status.get("phase") == "Degraded"
+            ):
+                return  # a reconcile is due or in flight; it reads the Deployment itself
+            try:
+                spec = parse_spec(pool.get("spec") or {})
+            except SpecError:
+                return
+            new = compute_status(
+                old_status=old_status,
+                generation=generation,
+                spec=spec,
+                engine=engine,
+                selector=old_status.get("selector"),
+                error=None,
+            )
+            changes = {
+                k: v
+                for k, v in _status_patch(old_status, new).items()
+                if k in ("phase", "conditions", "readyReplicas", "endpoints")
+            }
+            if changes:
+                await asyncio.to_thread(
+                    self.kube.request,
+                    "PATCH",
+                    f"{path}/status",
+                    body={"status": changes},
+                    content_type="application/merge-patch+json",
+                )
+                logger.info(
+                    f"LLMPool {owner['name']}: {new['phase']}, "
+                    f"{new['readyReplicas']}/{new['replicas']} replicas ready (from {meta.get('name')})"
+                )
+            self._engine_seen[uid] = seen
+
     def _degraded(
         self,
         body: Any,
@@ -609,6 +690,18 @@ def build_registry(
     )
     async def repair_drift(body: Any, patch: Any, logger: Any, **_: Any) -> None:
         await rec.reconcile("timer", body, patch, logger)
+
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "deployments",
+        id="engine-readiness",
+        labels={"app.kubernetes.io/managed-by": "llmpool-operator", "app.kubernetes.io/component": "engine"},
+        registry=reg,
+    )
+    async def engine_readiness(body: Any, type: Any, logger: Any, **_: Any) -> None:
+        # An event handler: no finalizer, no annotations, nothing written to the Deployment.
+        await rec.follow_engine(body, type, logger)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=reg)
     def forget(body: Any, **_: Any) -> None:

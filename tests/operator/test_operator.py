@@ -471,3 +471,54 @@ async def test_invalid_spec_degrades_without_applying_anything(kmock: Any, kubec
         await wait_for(lambda: pool_status(kmock).get("phase") == "Pending", what="recovery")
         assert pool_status(kmock).get("lastError") is None
         assert len(writes(kmock, "POST")) == 9
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytestmark_kmock
+async def test_engine_readiness_reaches_the_pool_without_the_timer(kmock: Any, kubeconfig: Path) -> None:
+    support.register_crds(kmock)
+    async with running_operator(kmock, drift_interval=300.0):
+        await create_pool_and_settle(kmock, pool_body())
+        await wait_for(lambda: pool_status(kmock).get("observedGeneration") == 1, what="observedGeneration 1")
+        assert pool_status(kmock)["phase"] == "Pending"
+        await asyncio.sleep(
+            0.6
+        )  # let the timer's first run (initial delay 0.2 s) pass; the next is 300 s away
+        engine = CHILD_PATHS["Deployment", "demo-engine"]
+        mark = len(list(kmock))
+
+        await api(
+            kmock,
+            "PATCH",
+            engine,
+            {"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 1, "updatedReplicas": 2}},
+        )
+        await wait_for(lambda: pool_status(kmock).get("readyReplicas") == 1, timeout=3, what="1 ready")
+        assert pool_status(kmock)["phase"] == "Progressing"
+
+        await api(
+            kmock,
+            "PATCH",
+            engine,
+            {"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}},
+        )
+        await wait_for(lambda: pool_status(kmock).get("phase") == "Ready", timeout=3, what="phase Ready")
+        st = pool_status(kmock)
+        assert st["readyReplicas"] == 2 and st["endpoints"] == 2 and st["observedGeneration"] == 1
+        ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+        assert ready["status"] == "True" and ready["reason"] == "ReplicasReady"
+        # no child was touched, and the Deployment itself was never written by the operator
+        assert writes(kmock, "PATCH", mark) == [engine, engine]  # the test's own two status patches
+
+        # the same readiness again (e.g. a label edit on the Deployment): no status write
+        await asyncio.sleep(0.3)
+        mark = len(list(kmock))
+        await api(kmock, "PATCH", engine, {"metadata": {"annotations": {"x": "y"}}})
+        await asyncio.sleep(0.5)
+        status_writes = [
+            r
+            for r in list(kmock)[mark:]
+            if str(r.method).upper().endswith("PATCH") and r.url.path == POOL_PATH + "/status"
+        ]
+        assert status_writes == []
