@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model name to send (default: the server's)")
     r.add_argument("--time-scale", type=_positive_float, default=1.0, help="the emulators' --time-scale")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--scrape-interval", type=_positive_float, default=0.05,
+                   help="seconds between two /metrics scrapes of each server, live and in the simulator "
+                   "(default 0.05, the picker's)")  # fmt: skip
     r.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     r.set_defaults(func=_cmd_replay)
 
@@ -430,11 +433,18 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                     model=args.model,
                     time_scale=args.time_scale,
                     progress=tick,
+                    scrape_interval_s=args.scrape_interval,
                 )
             )
         finally:
             bar.close()
-        sim = compare.simulate(workload, pol, profile, len(endpoints), args.seed) if profile else None
+        sim = (
+            compare.simulate(
+                workload, pol, profile, len(endpoints), args.seed, scrape_interval_s=args.scrape_interval
+            )
+            if profile
+            else None
+        )
         rows.append(compare.ComparisonRow(pol, live.summary, sim, live.errors, live.per_endpoint))
         if live.errors:
             first = next(r.error for r in live.records if r.error)

@@ -42,11 +42,12 @@ def build_policy(spec: str | PolicyConfig, profile: Profile | None, seed: int) -
 
 
 def simulate(workload: Workload, policy_spec: str | PolicyConfig, profile: Profile, instances: int,
-             seed: int) -> RunSummary:  # fmt: skip
+             seed: int, *, scrape_interval_s: float = 0.05) -> RunSummary:  # fmt: skip
     policy = build_policy(policy_spec, profile, seed)
     for it in workload.items:
         it.request.prediction = None
-    return Simulator(profile, policy, SimConfig(instances=instances)).run(workload.items).summary
+    cfg = SimConfig(instances=instances, scrape_interval_s=scrape_interval_s)
+    return Simulator(profile, policy, cfg).run(workload.items).summary
 
 
 async def live_run(
@@ -59,10 +60,11 @@ async def live_run(
     model: str | None,
     time_scale: float,
     progress: Callable[[int], None] | None = None,
+    scrape_interval_s: float = 0.05,
 ) -> LiveResult:
     policy = build_policy(policy_spec, profile, seed)
     return await replay(workload, endpoints, policy, model=model, time_scale=time_scale, seed=seed,
-                        progress=progress)  # fmt: skip
+                        progress=progress, scrape_interval_s=scrape_interval_s)  # fmt: skip
 
 
 def relative_error(sim: float, live: float) -> float:
