@@ -630,7 +630,8 @@ def kill_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _http_get(url: str, timeout: float) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    """(status, body text) of a GET; HTTP errors are answers, not exceptions."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return int(r.status), r.read().decode("utf-8", "replace")
@@ -750,7 +751,7 @@ class EnvoyProcess:
                     f"envoy exited with status {self.proc.returncode} at start-up{self._tail_text()}"
                 )
             try:
-                status, body = _http_get(self.admin_url + "/server_info", timeout=1.0)
+                status, body = http_get(self.admin_url + "/server_info", timeout=1.0)
                 info = json.loads(body) if status == 200 else {}
                 state = info.get("state")
                 last = f"{status} state={state}"
@@ -827,7 +828,7 @@ class EnvoyProcess:
 
     # -- admin
     def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        return _http_get(self.admin_url + path, timeout)
+        return http_get(self.admin_url + path, timeout)
 
     def stats(self, prefix: str = "") -> dict[str, int]:
         """Counters and gauges whose name starts with ``prefix`` (admin ``/stats?format=json``)."""

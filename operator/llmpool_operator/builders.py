@@ -53,7 +53,7 @@ PREDICTOR_DIR = "/var/lib/llmpool/predictors"
 INFERENCE_GROUP = "inference.networking.k8s.io"
 
 _MODEL_DIR = "/models"
-_HF_HOME = "/root/.cache/huggingface"
+_HF_HOME = "/var/cache/huggingface"
 # Host paths the vllm-ascend installation guide mounts into its container (read-only);
 # the NPU devices themselves come from the Ascend device plugin.
 _ASCEND_HOST_MOUNTS: tuple[tuple[str, str], ...] = (

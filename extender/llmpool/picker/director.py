@@ -26,7 +26,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +153,7 @@ class Director:
         if isinstance(cands, Rejected):
             return cands
         up = [i for i in cands if self.ds.routable(i) and not self.ds.states[i].stale]
-        idx = self.rng.choice(up or cands)
+        idx = self.rng.choice(up or list(cands))
         return Routed(
             self.ds.endpoints[idx].name, self._forward_headers(headers), None, None, None, self.clock()
         )
@@ -285,12 +285,13 @@ class Director:
                 return 0
         return 0
 
-    def _candidates(self, subset: list[str] | None) -> list[int] | Rejected:
+    def _candidates(self, subset: list[str] | None) -> Sequence[int] | Rejected:
+        """Indices the request may go to (a ``range``, not a list, when there is no hint)."""
         ds = self.ds
         if not ds.states:
             return Rejected(503, "no ready endpoint in the pool", "rejected-no-endpoints")
         if subset is None:
-            return list(range(len(ds.states)))
+            return range(len(ds.states))
         # "ip:port" names exactly that endpoint; a bare "ip" every endpoint (rank) of that pod
         wanted_names = {s for s in subset if protocol.host_of(s) != s}
         wanted_hosts = {s for s in subset if protocol.host_of(s) == s}
@@ -301,7 +302,7 @@ class Director:
             )
         return cands
 
-    def _saturated(self, cands: list[int]) -> bool:
+    def _saturated(self, cands: Sequence[int]) -> bool:
         sat = self.cfg.saturation
         states = self.ds.states
         for i in cands:
@@ -337,7 +338,7 @@ class Director:
         self.dispatcher.close()
 
 
-def _eligible_from(cands: list[int], ds: Datastore) -> Callable[[EndpointState], bool]:
+def _eligible_from(cands: Sequence[int], ds: Datastore) -> Callable[[EndpointState], bool]:
     names = {ds.endpoints[i].name for i in cands}
 
     def eligible(st: EndpointState) -> bool:

@@ -22,8 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +36,7 @@ except ImportError:  # llmpool.picker itself missing
 if not _PICKER_IMPORTABLE:
     pytest.skip("llmpool.picker.server is not importable yet", allow_module_level=True)
 
-from llmpool.gateway import EnvoyProcess, EnvoySpec, free_port, kill_with_parent
+from llmpool.gateway import EnvoyProcess, EnvoySpec, free_port, http_get, kill_with_parent
 
 ROOT = Path(__file__).resolve().parents[3]
 HOST = "127.0.0.1"
@@ -57,14 +55,6 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return int(r.status), r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read().decode("utf-8", "replace")
 
 
 class _Process:
@@ -194,10 +184,10 @@ class Emulator(_Process):
                 "--time-scale", f"{self.time_scale:g}", *self.extra_args]  # fmt: skip
 
     def ready(self) -> bool:
-        return _http_get(self.url + "/health", timeout=1.0)[0] == 200
+        return http_get(self.url + "/health", timeout=1.0)[0] == 200
 
     def metrics_text(self) -> str:
-        return _http_get(self.url + "/metrics")[1]
+        return http_get(self.url + "/metrics")[1]
 
 
 class Picker(_Process):
@@ -264,7 +254,7 @@ class Picker(_Process):
         return self.health("readiness") == "SERVING"
 
     def metrics_text(self) -> str:
-        status, text = _http_get(f"http://{HOST}:{self.metrics_port}/metrics")
+        status, text = http_get(f"http://{HOST}:{self.metrics_port}/metrics")
         if status != 200:
             raise RuntimeError(f"{self.name}: GET /metrics answered {status}")
         return text
