@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from llmpool import __version__
 from llmpool_operator.spec import AcceleratorKind, PoolSpec
 
 __all__ = [
@@ -41,8 +42,9 @@ __all__ = [
     "spec_hash",
 ]
 
-#: The picker image used when ``spec.picker.image`` is unset (the runtime may override it).
-DEFAULT_PICKER_IMAGE = "llmpool/llmpool:latest"
+#: The picker image used when ``spec.picker.image`` is unset (the runtime may override it):
+#: built from ``extender/Dockerfile`` (docs/images.md), tagged with the project's version.
+DEFAULT_PICKER_IMAGE = f"llmpool/llmpool-picker:{__version__}"
 
 GRPC_PORT = 9002
 HEALTH_PORT = 9003

@@ -1,6 +1,6 @@
 """The ``LLMPool`` custom resource's spec as typed pydantic models (``llmpool.io/v1alpha1``).
 
-These models mirror ``manifests/crds/llmpool.io_llmpools.yaml`` field for field, with the
+These models mirror ``charts/llmpool/crds/llmpool.io_llmpools.yaml`` field for field, with the
 same defaults (YAML keys are camelCase; Python attributes are snake_case, and either
 spelling is accepted). :func:`parse_spec` is the one entry point: it also enforces the
 cross-field rules that the CRD expresses as CEL ``x-kubernetes-validations`` (offline

@@ -7,7 +7,7 @@ Usage::
 The StampingEmulator (``kmock_support.py``) serves as the API server in this process; the
 operator runs as ``llmpool operator`` in a subprocess against a kubeconfig pointing at it,
 so its RSS is read cleanly from ``/proc/<pid>/status``. N copies of
-``manifests/examples/llmpool-cpu.yaml`` (distinct names) are POSTed concurrently, then:
+``manifests/samples/llmpool-cpu.yaml`` (distinct names) are POSTed concurrently, then:
 
 * **converged**: wall time until every pool has its 9 children and a status whose
   ``observedGeneration`` equals its ``generation``;
@@ -48,7 +48,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-TEMPLATE = REPO / "manifests" / "examples" / "llmpool-cpu.yaml"
+TEMPLATE = REPO / "manifests" / "samples" / "llmpool-cpu.yaml"
 NS = "default"
 USER_AGENT = "llmpool-scale-bench"
 

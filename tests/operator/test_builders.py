@@ -26,8 +26,8 @@ from llmpool_operator.builders import (
 from llmpool_operator.spec import DEFAULT_CPU_IMAGE, DEFAULT_NPU_IMAGE, PoolSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT / "manifests" / "crds"
-EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("llmpool-*.yaml"))
+CRDS = ROOT / "charts" / "llmpool" / "crds"
+EXAMPLES = sorted((ROOT / "manifests" / "samples").glob("llmpool-*.yaml"))
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 KINDS = [
     "ServiceAccount",
@@ -108,7 +108,7 @@ def test_example_validates_against_the_crd_and_the_spec_model(path: Path) -> Non
 
 
 def test_crd_rejects_bad_objects() -> None:
-    good = _example(ROOT / "manifests/examples/llmpool-gpu.yaml")
+    good = _example(ROOT / "manifests/samples/llmpool-gpu.yaml")
     for path, value in [
         (("accelerator", "kind"), "tpu"),
         (("engine", "dataParallelSize"), 9),
@@ -164,7 +164,7 @@ def test_children_are_deterministic_and_pure() -> None:
 
 
 def test_gpu_pool() -> None:
-    obj = _example(ROOT / "manifests/examples/llmpool-gpu.yaml")
+    obj = _example(ROOT / "manifests/samples/llmpool-gpu.yaml")
     pool, spec = _pool(obj), parse_spec(obj["spec"])
     dep = _engine(pool, spec)
     assert dep["spec"]["replicas"] == 2
@@ -202,7 +202,7 @@ def test_gpu_pool() -> None:
 
 
 def test_npu_pool_uses_ascend_image_resource_and_driver_mounts() -> None:
-    obj = _example(ROOT / "manifests/examples/llmpool-npu.yaml")
+    obj = _example(ROOT / "manifests/samples/llmpool-npu.yaml")
     pool, spec = _pool(obj), parse_spec(obj["spec"])
     children = build_children(pool, spec)
     dep = _by_kind(children, "Deployment", "qwen-npu-engine")
@@ -225,7 +225,7 @@ def test_npu_pool_uses_ascend_image_resource_and_driver_mounts() -> None:
 
 
 def test_cpu_pool_is_runnable_without_accelerators() -> None:
-    obj = _example(ROOT / "manifests/examples/llmpool-cpu.yaml")
+    obj = _example(ROOT / "manifests/samples/llmpool-cpu.yaml")
     pool, spec = _pool(obj), parse_spec(obj["spec"])
     pod = _engine(pool, spec)["spec"]["template"]["spec"]
     (c,) = pod["containers"]
@@ -401,7 +401,7 @@ ROUTING_EDITS: list[dict[str, Any]] = [
 @pytest.mark.parametrize("edit", ROUTING_EDITS, ids=lambda e: ",".join(e))
 def test_routing_edit_changes_neither_deployment(edit: dict[str, Any]) -> None:
     pool = PoolRef("p", "ns")
-    for base in (_minimal(), _dp_spec(), _example(ROOT / "manifests/examples/llmpool-gpu.yaml")["spec"]):
+    for base in (_minimal(), _dp_spec(), _example(ROOT / "manifests/samples/llmpool-gpu.yaml")["spec"]):
         before = build_children(pool, parse_spec(base))
         edited = copy.deepcopy(base)
         edited.setdefault("routing", {}).update(edit)

@@ -153,7 +153,10 @@ def test_compute_status_phases_and_conditions() -> None:
 
 def _operator_docs() -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted((REPO / "manifests" / "operator").glob("*.yaml")):
+    # kubectl apply -f manifests/ (CRDs, namespace, RBAC, Deployment), then manifests/peering/.
+    manifests = REPO / "manifests"
+    paths = sorted(manifests.glob("*.yaml")) + sorted((manifests / "peering").glob("*.yaml"))
+    for path in paths:
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
 

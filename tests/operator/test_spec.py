@@ -20,7 +20,7 @@ from llmpool_operator.spec import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = yaml.safe_load((ROOT / "manifests/crds/llmpool.io_llmpools.yaml").read_text())
+CRD = yaml.safe_load((ROOT / "charts/llmpool/crds/llmpool.io_llmpools.yaml").read_text())
 SPEC_SCHEMA: dict[str, Any] = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
 
 

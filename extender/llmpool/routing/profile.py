@@ -79,6 +79,43 @@ class Profile(_Strict):
     frontend_latency_ms: float = Field(default=0.0, ge=0)
     engine: EngineConfig = EngineConfig()
 
+    def slowed(self, factor: float) -> Profile:
+        """The same engine with every time cost multiplied by ``factor`` (> 1 is slower).
+
+        ``llmpool demo`` uses it to run emulators of a fast GPU slowly enough for a laptop,
+        while the picker's policies model exactly the engines they route to.
+        """
+        if not factor > 0 or factor == float("inf"):
+            raise ProfileError(f"slow-down factor must be a positive number, got {factor!r}")
+        if factor == 1:
+            return self
+        st = self.step
+        step = st.model_copy(
+            update={
+                "overhead_ms": st.overhead_ms * factor,
+                "linear": LinearCost(
+                    c0_ms=st.linear.c0_ms * factor,
+                    c1_ms=st.linear.c1_ms * factor,
+                    c2_us_per_token=st.linear.c2_us_per_token * factor,
+                ),
+                "decode_attention_ns_per_context_token": st.decode_attention_ns_per_context_token * factor,
+                "prefill_attention_ns_per_pair": st.prefill_attention_ns_per_pair * factor,
+                "moe_overhead_ns_per_token": st.moe_overhead_ns_per_token * factor,
+            }
+        )
+        return self.model_copy(
+            update={
+                "name": f"{self.name}-x{factor:g}-slower",
+                "description": f"{self.description} (every time cost x{factor:g})".strip(),
+                "step": step,
+                "frontend_latency_ms": self.frontend_latency_ms * factor,
+            }
+        )
+
+    def to_yaml(self) -> str:
+        """The profile as a YAML document that :func:`load_profile` reads back unchanged."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
 
 class ProfileError(ValueError):
     """A profile name or file is invalid; ``str()`` is one line."""

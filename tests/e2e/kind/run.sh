@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end check of the LLMPool operator on a kind cluster (see README.md next to this file).
 #
-#   create cluster -> Gateway API + GIE CRDs -> our CRDs -> build/load image -> operator
-#   -> manifests/examples/llmpool-cpu.yaml -> kgateway -> Gateway + HTTPRoute -> curl -> clean up
+#   create cluster -> Gateway API + GIE CRDs -> build/load images -> operator (Helm chart, CRDs included)
+#   -> manifests/samples/llmpool-cpu.yaml -> kgateway -> Gateway + HTTPRoute -> curl -> clean up
 #
 # Needs docker, kind, kubectl, helm and curl. Upstream locations are variables YOU set
 # (nothing is fetched from a hard-coded host); README.md lists the values we tested against.
@@ -11,8 +11,8 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 
 CLUSTER="${CLUSTER:-llmpool-e2e}"
-IMAGE="${IMAGE:-llmpool/llmpool:e2e}"
-BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
+OPERATOR_IMAGE="${OPERATOR_IMAGE:-llmpool/llmpool-operator:e2e}"
+PICKER_IMAGE="${PICKER_IMAGE:-llmpool/llmpool-picker:e2e}"
 POOL_NS="${POOL_NS:-llm}"
 POOL_NAME="${POOL_NAME:-tiny-cpu}"
 MODEL="${MODEL:-qwen2.5-0.5b}"
@@ -55,33 +55,24 @@ kubectl apply --server-side -f "$GATEWAY_API_CRDS_URL"
 kubectl apply --server-side -f "$GIE_CRDS_URL"
 kubectl wait --for condition=Established --timeout=60s crd/inferencepools.inference.networking.k8s.io
 
-log "3. our CRDs (the InferencePool CRD from GIE above takes precedence)"
-kubectl apply --server-side -f "$REPO_ROOT/manifests/crds/llmpool.io_llmpools.yaml"
+log "3. build and load the operator and picker images (operator/Dockerfile, extender/Dockerfile)"
+docker build -t "$OPERATOR_IMAGE" -f "$REPO_ROOT/operator/Dockerfile" "$REPO_ROOT"
+docker build -t "$PICKER_IMAGE" -f "$REPO_ROOT/extender/Dockerfile" "$REPO_ROOT"
+kind load docker-image "$OPERATOR_IMAGE" "$PICKER_IMAGE" --name "$CLUSTER"
+
+log "4. the operator from the Helm chart (our CRDs come with it; GIE's InferencePool CRD above is kept)"
+helm upgrade -i llmpool "$REPO_ROOT/charts/llmpool" -n llmpool-system --create-namespace \
+  --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
+  --set picker.image.repository="${PICKER_IMAGE%:*}" --set picker.image.tag="${PICKER_IMAGE##*:}" \
+  --set image.pullPolicy=IfNotPresent --wait
 kubectl wait --for condition=Established --timeout=60s crd/llmpools.llmpool.io
 
-log "4. build and load ${IMAGE} (operator and endpoint picker share it)"
-BUILD_DIR="$(mktemp -d)"
-cat >"$BUILD_DIR/Dockerfile" <<DOCKERFILE
-FROM ${BASE_IMAGE}
-WORKDIR /src
-COPY . /src
-RUN pip install --no-cache-dir /src && rm -rf /src
-USER 65532
-ENTRYPOINT ["llmpool"]
-DOCKERFILE
-docker build -t "$IMAGE" -f "$BUILD_DIR/Dockerfile" "$REPO_ROOT"
-kind load docker-image "$IMAGE" --name "$CLUSTER"
-
-log "5. operator"
-kubectl apply -f "$REPO_ROOT/manifests/operator/namespace.yaml"
-kubectl apply -f "$REPO_ROOT/manifests/operator/peering.yaml"
-kubectl apply -f "$REPO_ROOT/manifests/operator/rbac.yaml"
-sed -e "s#llmpool/llmpool:latest#${IMAGE}#g" "$REPO_ROOT/manifests/operator/deployment.yaml" | kubectl apply -f -
+log "5. operator rollout"
 kubectl -n llmpool-system rollout status deploy/llmpool-operator --timeout=180s
 
 log "6. the example pool ${POOL_NS}/${POOL_NAME}"
 kubectl create namespace "$POOL_NS" --dry-run=client -o yaml | kubectl apply -f -
-kubectl apply -f "$REPO_ROOT/manifests/examples/llmpool-cpu.yaml"
+kubectl apply -f "$REPO_ROOT/manifests/samples/llmpool-cpu.yaml"
 for child in "deploy/${POOL_NAME}-picker" "deploy/${POOL_NAME}-engine" "svc/${POOL_NAME}-picker" \
     "configmap/${POOL_NAME}-picker" "inferencepool/${POOL_NAME}"; do
   until kubectl -n "$POOL_NS" get "$child" >/dev/null 2>&1; do sleep 2; done

