@@ -198,8 +198,23 @@ def _run(policy: str, e2e: list[float], served: dict[str, int], decisions: dict[
     summary = summarize(log, rejected=0, preemptions=0, imbalance_gmax_sum=0.0, imbalance_maxmin_sum=0.0,
                         imbalance_samples=0)  # fmt: skip
     return PolicyRun(
-        policy, summary, len(e2e), len(e2e), {200: len(e2e)}, [], decisions, served, 1.0, sorted(e2e)
+        policy, 0, summary, len(e2e), len(e2e), {200: len(e2e)}, [], decisions, served, 1.0, sorted(e2e)
     )
+
+
+def test_table_shows_mean_and_spread_over_seeds() -> None:
+    runs = [
+        _run("round-robin", [2.0, 2.0], {"a": 1, "b": 1}, {"a": 1, "b": 1}),
+        _run("round-robin", [4.0, 4.0], {"a": 1, "b": 1}, {"a": 1, "b": 1}),
+        _run("impact", [1.5, 1.5], {"a": 2, "b": 0}, {"a": 2, "b": 0}),
+        _run("impact", [3.0, 3.0], {"a": 1, "b": 1}, {"a": 1, "b": 1}),
+    ]
+    text = format_table(runs)
+    rows = {line.split()[0]: line for line in text.splitlines()[2:4]}
+    assert "4/4" in rows["round-robin"] and "3.00±1.41" in rows["round-robin"]  # E2E mean over 2 seeds
+    assert "2.25±1.06" in rows["impact"] and "E2E -25.0%" in rows["impact"]
+    assert "2/0 1/1" in rows["impact"]
+    assert "mean±std over 2 workload seeds" in text
 
 
 def test_table_compares_with_the_first_policy_and_flags_inconsistency(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ It starts, on 127.0.0.1 and free ports:
 * the endpoint picker (``llmpool extender``), restarted with each policy in turn;
 * a real Envoy gateway whose ext_proc filter asks the picker where each request goes.
 
-Then it replays one workload (same requests, same arrival times, same seed) through the
-gateway once per policy, measures at the client what a user sees (TTFT, E2E, errors), and
-checks that every request went where the picker decided (picker decisions == requests
+Then it replays one workload (same requests, same arrival times) through the gateway once
+per policy, for each of ``--seeds`` workload draws, measures at the client what a user sees
+(TTFT, E2E, errors), and checks that every request went where the picker decided (picker decisions == requests
 served by each server, read from their Prometheus metrics). Results are printed as a table,
 written as JSON and plotted (PNG).
 
@@ -75,6 +75,7 @@ class DemoOptions:
     max_num_seqs: int | None = None
     model: str | None = None
     seed: int = 0
+    seeds: int = 1  # workload draws seed, seed+1, ...; tables show mean±std over them
     out: Path = Path("llmpool-demo")
     scrape_interval_s: float = 0.05
     request_timeout_s: float = 300.0
@@ -110,6 +111,7 @@ class PolicyRun:
     """What one policy did, as measured through the gateway."""
 
     policy: str
+    seed: int
     summary: RunSummary
     sent: int
     ok: int
@@ -128,6 +130,7 @@ class PolicyRun:
     def to_dict(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
+            "seed": self.seed,
             "sent": self.sent,
             "ok": self.ok,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
@@ -137,6 +140,7 @@ class PolicyRun:
             "consistent": self.consistent,
             "wall_s": round(self.wall_s, 3),
             "summary": self.summary.to_dict(),
+            "e2e_s": [round(v, 4) for v in self.e2e_s],
         }
 
 
@@ -485,8 +489,9 @@ def run_demo(opts: DemoOptions, *, say: Callable[[str], None] | None = None) -> 
     """
     out = say or (lambda s: print(s, file=sys.stderr, flush=True))
     validate(opts)
+    seeds = [opts.seed + k for k in range(opts.seeds)]
     try:
-        workload = load_workload(opts.workload, n=opts.requests, rate=opts.rate, seed=opts.seed)
+        workloads = [load_workload(opts.workload, n=opts.requests, rate=opts.rate, seed=sd) for sd in seeds]
     except (ValueError, OSError) as err:
         raise DemoError(f"--workload: {str(err).splitlines()[0]}") from None
     try:
@@ -510,19 +515,20 @@ def run_demo(opts: DemoOptions, *, say: Callable[[str], None] | None = None) -> 
             t0 = time.monotonic()
             stack.start()
             out(f"started {len(stack.processes())} processes in {time.monotonic() - t0:.1f}s; logs in {logs}")
-            out(
-                f"workload {workload.name}: {len(workload)} requests at {opts.rate:g} req/s "
-                f"(seed {opts.seed}), same for every policy"
-            )
-            for spec in opts.policies:
-                runs.append(_run_policy(stack, spec, workload, opts))
+            for sd, workload in zip(seeds, workloads, strict=True):
+                out(
+                    f"workload {workload.name}: {len(workload)} requests at {opts.rate:g} req/s "
+                    f"(seed {sd}), the same for every policy"
+                )
+                for spec in opts.policies:
+                    runs.append(_run_policy(stack, spec, sd, workload, opts))
         finally:
             pids = stack.close()
             out(f"stopped {len(pids)} processes (pids {', '.join(map(str, pids))})")
     return runs
 
 
-def _run_policy(stack: Stack, spec: str, workload: Workload, opts: DemoOptions) -> PolicyRun:
+def _run_policy(stack: Stack, spec: str, seed: int, workload: Workload, opts: DemoOptions) -> PolicyRun:
     from tqdm import tqdm
 
     stack.wait_idle()
@@ -543,7 +549,7 @@ def _run_policy(stack: Stack, spec: str, workload: Workload, opts: DemoOptions) 
     assert stack.envoy is not None
     try:
         records = asyncio.run(
-            _replay(stack.envoy.url, workload, model=stack.model, seed=opts.seed,
+            _replay(stack.envoy.url, workload, model=stack.model, seed=seed,
                     hint_lengths=not opts.endpoints, timeout_s=opts.request_timeout_s, on_done=on_done)
         )  # fmt: skip
     finally:
@@ -558,6 +564,7 @@ def _run_policy(stack: Stack, spec: str, workload: Workload, opts: DemoOptions) 
     ok = [r for r in records if not r.error]
     run = PolicyRun(
         policy=spec,
+        seed=seed,
         summary=_summary(records),
         sent=len(records),
         ok=len(ok),
@@ -569,10 +576,12 @@ def _run_policy(stack: Stack, spec: str, workload: Workload, opts: DemoOptions) 
         e2e_s=sorted(r.finish - r.sent for r in ok),
     )
     s = run.summary
+    served = "/".join(str(v) for v in run.served.values())
+    decided = "/".join(str(v) for v in decisions.values())
     stack.say(
-        f"{spec}: {run.ok}/{run.sent} ok in {wall:.0f}s, TTFT mean {s.ttft_mean_s * 1000:.0f} ms, "
-        f"E2E mean {s.e2e_mean_s:.2f} s, served {'/'.join(str(v) for v in run.served.values())}"
-        + ("" if run.consistent else f" (!) picker decided {'/'.join(str(v) for v in decisions.values())}")
+        f"{spec} (seed {seed}): {run.ok}/{run.sent} ok in {wall:.0f}s, "
+        f"TTFT mean {s.ttft_mean_s * 1000:.0f} ms, E2E mean {s.e2e_mean_s:.2f} s, served {served}"
+        + ("" if run.consistent else f" (!) picker decided {decided}")
     )
     return run
 
@@ -598,26 +607,51 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # ----------------------------------------------------------------------------- the report
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
 def format_table(runs: Sequence[PolicyRun]) -> str:
-    """The comparison: one row per policy, changes relative to the first policy."""
-    head = (f"{'policy':<16s} {'ok/sent':>9s} {'TTFT mean':>10s} {'p99':>8s} {'E2E mean':>9s} {'p99':>8s} "
-            f"{'TPOT':>7s} {'vs ' + runs[0].policy if runs else '':>18s}  spread over servers")  # fmt: skip
+    """The comparison: one row per policy (mean±std over seeds when there are several),
+    changes of the means relative to the first policy."""
+    policies = list(dict.fromkeys(r.policy for r in runs))
+    by_policy = {p: [r for r in runs if r.policy == p] for p in policies}
+    multi = any(len(v) > 1 for v in by_policy.values())
+    w = 13 if multi else 9
+    cols = ("TTFT mean ms", "TTFT p99 ms", "E2E mean s", "E2E p99 s", "TPOT ms")
+    head = (f"{'policy':<16s} {'ok/sent':>9s} " + " ".join(f"{c:>{w}s}" for c in cols)
+            + f" {'vs ' + policies[0] if policies else '':>20s}  requests per server")  # fmt: skip
     lines = [head, "-" * len(head)]
-    base = runs[0].summary if runs else None
-    for r in runs:
-        s = r.summary
-        if base is not None and base.e2e_mean_s > 0 and base.ttft_mean_s > 0:
-            rel = (f"E2E {100 * (s.e2e_mean_s / base.e2e_mean_s - 1):+5.1f}% "
-                   f"TTFT {100 * (s.ttft_mean_s / base.ttft_mean_s - 1):+5.1f}%")  # fmt: skip
-        else:
-            rel = ""
-        spread = "/".join(str(r.served.get(ep, 0)) for ep in sorted(r.served))
-        check = "" if r.consistent else "  (!) decisions != served"
+    getters: tuple[tuple[Callable[[PolicyRun], float], int], ...] = (
+        (lambda r: r.summary.ttft_mean_s * 1000, 0),
+        (lambda r: r.summary.ttft_p99_s * 1000, 0),
+        (lambda r: r.summary.e2e_mean_s, 2),
+        (lambda r: r.summary.e2e_p99_s, 2),
+        (lambda r: r.summary.tpot_mean_s * 1000, 1),
+    )
+    base: tuple[float, float] | None = None
+    for pol, rs in by_policy.items():
+        cells = []
+        for get, digits in getters:
+            mean, std = _mean_std([get(r) for r in rs])
+            cells.append(f"{mean:.{digits}f}±{std:.{digits}f}" if multi else f"{mean:.{digits}f}")
+        e2e = _mean_std([r.summary.e2e_mean_s for r in rs])[0]
+        ttft = _mean_std([r.summary.ttft_mean_s for r in rs])[0]
+        if base is None:
+            base = (e2e, ttft)
+        rel = (f"E2E {100 * (e2e / base[0] - 1):+5.1f}% TTFT {100 * (ttft / base[1] - 1):+5.1f}%"
+               if base[0] > 0 and base[1] > 0 else "")  # fmt: skip
+        spread = " ".join("/".join(str(r.served[ep]) for ep in sorted(r.served)) for r in rs)
+        check = "" if all(r.consistent for r in rs) else "  (!) decisions != served"
+        ok = f"{sum(r.ok for r in rs)}/{sum(r.sent for r in rs)}"
         lines.append(
-            f"{r.policy:<16s} {f'{r.ok}/{r.sent}':>9s} {s.ttft_mean_s * 1000:8.0f}ms "
-            f"{s.ttft_p99_s * 1000:6.0f}ms {s.e2e_mean_s:8.2f}s {s.e2e_p99_s:7.2f}s "
-            f"{s.tpot_mean_s * 1000:5.0f}ms {rel:>18s}  {spread}{check}"
+            f"{pol:<16s} {ok:>9s} " + " ".join(f"{c:>{w}s}" for c in cells) + f" {rel:>20s}  {spread}{check}"
         )
+    if multi:
+        lines.append(f"(mean±std over {max(len(v) for v in by_policy.values())} workload seeds)")
     return "\n".join(lines)
 
 
@@ -626,7 +660,7 @@ def write_json(runs: Sequence[PolicyRun], opts: DemoOptions, path: Path) -> None
         "workload": opts.workload,
         "requests": opts.requests,
         "rate": opts.rate,
-        "seed": opts.seed,
+        "seeds": [opts.seed + k for k in range(opts.seeds)],
         "profile": opts.profile,
         "slowdown": opts.slowdown if not opts.endpoints else None,
         "emulators": opts.emulators if not opts.endpoints else 0,
@@ -637,43 +671,43 @@ def write_json(runs: Sequence[PolicyRun], opts: DemoOptions, path: Path) -> None
 
 
 def plot(runs: Sequence[PolicyRun], path: Path) -> Path:
-    """TTFT and E2E (mean and p99) per policy, and the E2E latency CDF, as one PNG."""
+    """TTFT and E2E (mean and p99; bars = mean over seeds, whiskers = std) per policy, and the
+    E2E latency CDF of every request of every seed, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_ttft, ax_e2e, ax_cdf) = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = [r.policy for r in runs]
-    x = list(range(len(runs)))
+    policies = list(dict.fromkeys(r.policy for r in runs))
+    by_policy = {p: [r for r in runs if r.policy == p] for p in policies}
+    x = list(range(len(policies)))
     width = 0.38
+
+    def stat(get: Callable[[PolicyRun], float]) -> tuple[list[float], list[float]]:
+        pairs = [_mean_std([get(r) for r in by_policy[p]]) for p in policies]
+        return [m for m, _ in pairs], [sd for _, sd in pairs]
+
     panels = (
-        (
-            ax_ttft,
-            "TTFT (ms)",
-            1000.0,
-            [r.summary.ttft_mean_s for r in runs],
-            [r.summary.ttft_p99_s for r in runs],
-        ),
-        (
-            ax_e2e,
-            "E2E latency (s)",
-            1.0,
-            [r.summary.e2e_mean_s for r in runs],
-            [r.summary.e2e_p99_s for r in runs],
-        ),
+        (ax_ttft, "TTFT (ms)", 1000.0, lambda r: r.summary.ttft_mean_s, lambda r: r.summary.ttft_p99_s),
+        (ax_e2e, "E2E latency (s)", 1.0, lambda r: r.summary.e2e_mean_s, lambda r: r.summary.e2e_p99_s),
     )
-    for ax, title, scale, mean, p99 in panels:
-        ax.bar([i - width / 2 for i in x], [v * scale for v in mean], width, label="mean")
-        ax.bar([i + width / 2 for i in x], [v * scale for v in p99], width, label="p99")
-        ax.set_xticks(x, names, rotation=20)
+    for ax, title, scale, get_mean, get_p99 in panels:
+        for offset, label, get in ((-width / 2, "mean", get_mean), (width / 2, "p99", get_p99)):
+            values, spread = stat(get)
+            yerr = [v * scale for v in spread] if len(runs) > len(policies) else None
+            ax.bar(
+                [i + offset for i in x], [v * scale for v in values], width, label=label, yerr=yerr, capsize=3
+            )
+        ax.set_xticks(x, policies, rotation=20)
         ax.set_title(f"{title}, through the gateway")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    for r in runs:
-        if r.e2e_s:
-            n = len(r.e2e_s)
-            ax_cdf.plot(r.e2e_s, [(i + 1) / n for i in range(n)], label=r.policy)
+    for pol in policies:
+        e2e = sorted(v for r in by_policy[pol] for v in r.e2e_s)
+        if e2e:
+            n = len(e2e)
+            ax_cdf.plot(e2e, [(i + 1) / n for i in range(n)], label=pol)
     ax_cdf.set_xlabel("E2E latency (s)")
     ax_cdf.set_ylabel("fraction of requests")
     ax_cdf.set_title("E2E latency CDF")
