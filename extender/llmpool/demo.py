@@ -620,7 +620,7 @@ def format_table(runs: Sequence[PolicyRun]) -> str:
     policies = list(dict.fromkeys(r.policy for r in runs))
     by_policy = {p: [r for r in runs if r.policy == p] for p in policies}
     multi = any(len(v) > 1 for v in by_policy.values())
-    w = 13 if multi else 9
+    w = 13 if multi else 12
     cols = ("TTFT mean ms", "TTFT p99 ms", "E2E mean s", "E2E p99 s", "TPOT ms")
     head = (f"{'policy':<16s} {'ok/sent':>9s} " + " ".join(f"{c:>{w}s}" for c in cols)
             + f" {'vs ' + policies[0] if policies else '':>20s}  requests per server")  # fmt: skip
