@@ -430,7 +430,7 @@ def test_per_model_keeps_models_apart_and_bounded() -> None:
 
 
 def test_build_predictor_defaults() -> None:
-    assert predictor_names() == ["oracle", "survival", "exact-match"]
+    assert predictor_names() == ["oracle", "survival", "exact-match", "learned"]
     p = build_predictor("survival")
     assert isinstance(p, PerModelPredictor)
     assert isinstance(p.child("default"), SurvivalPredictor)

@@ -57,6 +57,7 @@ class ParsedRequest:
     chat: bool
     body: dict[str, Any]
     exact_tokens: bool = False  # token ids or a real tokenizer, not an estimate
+    text: str = ""  # the prompt as text (chat: roles and contents, one per line); for length predictors
 
 
 TokenCounter = Callable[[str], list[int] | None]
@@ -154,6 +155,7 @@ def parse_request(raw: bytes, *, chat: bool, tokenize: TokenCounter | None = Non
         chat=chat,
         body=body,
         exact_tokens=exact,
+        text=text,
     )
 
 

@@ -117,7 +117,7 @@ class Director:
         self.ds = datastore
         self.metrics = metrics
         self.clock = clock
-        self.policy = policy or build_policy(cfg, self.rng)
+        self.policy = policy or self._build_policy(cfg)
         self.dispatcher = Dispatcher(
             self.policy, datastore, clock=clock, rng=self.rng, max_endpoints=cfg.max_endpoints
         )
@@ -125,11 +125,20 @@ class Director:
         self._ids = itertools.count(1)
         self._tokenizer = _load_tokenizer(cfg.tokenizer.path)
 
+    def _build_policy(self, cfg: PickerConfig) -> Policy:
+        """:func:`build_policy`, setting ``llmpool_predictor_fallback`` when a learned model failed."""
+        from llmpool.predict.learned import fallback_count
+
+        before = fallback_count()
+        policy = build_policy(cfg, self.rng)
+        self.metrics.predictor_fallback.set(1.0 if fallback_count() > before else 0.0)
+        return policy
+
     # ------------------------------------------------------------------ config
     def apply_config(self, cfg: PickerConfig) -> None:
         """Hot reload: a new policy takes new requests; requests in flight finish on the old."""
         if cfg.policy != self.cfg.policy or cfg.profile != self.cfg.profile:
-            self.policy = build_policy(cfg, self.rng)
+            self.policy = self._build_policy(cfg)
             self.dispatcher.set_policy(self.policy)
         self.dispatcher.max_endpoints = cfg.max_endpoints
         if cfg.tokenizer.path != self.cfg.tokenizer.path:
@@ -189,6 +198,7 @@ class Director:
             prompt_tokens=est,
             model=target_model,
             max_tokens=parsed.max_tokens,
+            prompt_text=parsed.text or None,
             prompt_hash=_prompt_hash(parsed),
             prefix_hashes=parsed.prefix_hashes,
             hash_block_tokens=64,

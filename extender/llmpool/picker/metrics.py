@@ -39,6 +39,12 @@ class PickerMetrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
+        self.predictor_fallback = Gauge(
+            "llmpool_predictor_fallback",
+            "1 while the configured learned predictor's model file could not load and the survival "
+            "predictor answers instead (the warning log says why)",
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             "llmpool_queue_wait_seconds",
             "Time a request was held at the router before it was routed",

