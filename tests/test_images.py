@@ -399,12 +399,9 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     steps = {repr([(c.sources, c.dest, w) for c, w in context_copies(PARSED[n][0])]) for n in DOCKERFILES}
     assert len(builders) == 1 and len(steps) == 1, "the two images share one builder stage"
     src = _replay_builder_copies(PARSED["picker"][0], tmp / "ctx")
-    try:
-        import setuptools  # noqa: F401
-
-        isolation = ["--no-build-isolation", "--no-index"]  # offline, with this environment's backend
-    except ImportError:  # pragma: no cover - e.g. a Python >= 3.12 venv: the backend comes from the index
-        isolation = []
+    # Built as the Dockerfile builds it: with pip's build isolation, so the backend is the one pinned
+    # in pyproject.toml's [build-system] (setuptools and wheel come from the index, as in the image).
+    isolation: list[str] = []
     wheels = tmp / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(wheels), str(src)],
