@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -340,7 +341,10 @@ REGISTRY_HOSTS = re.compile(
     r"registry\.gitlab\.com|[a-z0-9-]+-docker\.pkg\.dev|docker\.pkg\.github\.com|swr\.[a-z0-9-]+\.myhuaweicloud\.com)",
     re.IGNORECASE,
 )
-LOCAL_PATHS = re.compile(r"(/root/|/home/[a-z]|/work/|/tmp/venv)")
+# Paths of the machine running the tests (home, the checkout's parent, the interpreter's
+# environment), derived here rather than written down, so this file names no machine's paths.
+_MACHINE_DIRS = {Path.home(), REPO.parent, Path(sys.prefix)} - {Path("/")}
+LOCAL_PATHS = re.compile("|".join(re.escape(str(p) + "/") for p in _MACHINE_DIRS))
 
 
 def _chart_and_manifest_files() -> list[Path]:
