@@ -15,7 +15,7 @@ import pytest
 from llmpool.predict import PredictError
 from llmpool.predict.data import Example, load_jsonl, prompt_key, split_by_prompt
 from llmpool.predict.features import FastFeaturizer, ngrams
-from llmpool.predict.learned import LearnedPredictor, build_learned, fallback_count
+from llmpool.predict.learned import LearnedFallback, LearnedPredictor, build_learned
 from llmpool.predict.runtime import encode_prompt, load_model
 from llmpool.routing.policy import ConfigError
 from llmpool.routing.predictors import (
@@ -254,11 +254,11 @@ def test_bad_model_files_fall_back_or_fail_in_one_line(
                 {"name": "learned", "per_model": False, "params": {"model": str(path), "on_error": "raise"}}
             )
         assert "\n" not in str(err.value)
-        before = fallback_count()
         with caplog.at_level(logging.WARNING, logger="llmpool.predict"):
             p = build_predictor({"name": "learned", "per_model": False, "params": {"model": str(path)}})
-        assert isinstance(p, SurvivalPredictor)
-        assert fallback_count() == before + 1
+        assert isinstance(p, SurvivalPredictor) and isinstance(p, LearnedFallback)
+        reason = p.fallback_reason()
+        assert reason is not None and what in reason and "\n" not in reason
         assert what in caplog.text and "falling back" in caplog.text
         p.termination(Request(id=1, arrival=0.0, prompt_tokens=3), 10, 80)  # still works
 
@@ -463,6 +463,41 @@ def test_encoder_tier_serves_through_the_interface(tiny_encoder: tuple[Path, lis
     assert lp.predict(r).source == "learned-encoder"
     p_fin, rem = lp.termination(r, 10, 80)
     assert 0.0 <= p_fin <= 1.0 and 1.0 <= rem <= 80.0
+
+
+def test_encoder_tier_is_blocking_and_predicts_off_the_loop(tiny_encoder: tuple[Path, list[Example]]) -> None:
+    path, test = tiny_encoder
+    pm = build_predictor({"name": "learned", "params": {"model": str(path), "on_error": "raise"}})
+    assert isinstance(pm, PerModelPredictor) and pm.blocking
+    assert not build_predictor("learned").blocking  # the fast tier stays inline
+    r = _req(1, text=test[0].prompt, model="chatty", cap=3000)
+    prepared = pm.prepare(r)  # the thread-safe part: no child is created
+    assert pm.num_models == 0 and prepared is not None
+    lp = build_learned(LearnedParams(model=str(path)))
+    assert isinstance(lp, LearnedPredictor)
+    want = lp.predict(r)
+    got = pm.predict_prepared(r, prepared)
+    assert got == want and got.source == "learned-encoder"
+    child = pm.child("chatty")
+    assert isinstance(child, LearnedPredictor)
+
+    def boom(*_: object, **__: object) -> tuple[float, tuple[float, ...]]:
+        raise AssertionError("the model ran on the driver's thread")
+
+    child.model = type("M", (), {"infer": boom, "sigma_of": child.model.sigma_of, "tier": "encoder"})()  # type: ignore[assignment]
+    assert pm.predict(r) == want  # cached: the model does not run again
+    assert pm.termination(r, 10, 80) == lp.termination(r, 10, 80)
+    # no answer in time: the request is answered empirically for its whole life, never by the model
+    late = _req(2, text=test[1].prompt, model="chatty")
+    assert pm.predict_prepared(late, None).source == "survival"
+    assert pm.predict(late).source == "survival"
+    p_fin, rem = pm.termination(late, 10, 80)
+    assert 0.0 <= p_fin <= 1.0 and 1.0 <= rem <= 80.0
+    assert pm.expected_remaining(late, 10) >= 1.0
+    pm.observe(late, 120)  # trains the empirical predictor, not the correction
+    assert child.correction("chatty") == (0.0, 0.0)
+    pm.observe(r, 120)  # the model's answer is cached: the correction learns
+    assert child.correction("chatty")[1] > 0.0
 
 
 # ------------------------------------------------------------------------------------ lab and bench commands

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from llmpool import __version__
-from llmpool_operator.spec import AcceleratorKind, PoolSpec
+from llmpool_operator.spec import AcceleratorKind, PoolSpec, PredictorModelRef
 
 __all__ = [
     "CONFIG_DIR",
@@ -143,7 +143,7 @@ def picker_config(spec: PoolSpec) -> dict[str, Any]:
         },
         "objectives": dict(r.objectives),
         "max_queue_wait_s": r.max_queue_wait_seconds,
-        "predictor_models": {m.name: f"{PREDICTOR_DIR}/{m.name}/{m.key}" for m in r.predictor_models},
+        "predictor_models": {m.name: f"{PREDICTOR_DIR}/{m.name}/{m.file()}" for m in r.predictor_models},
     }
 
 
@@ -204,6 +204,23 @@ def _resources(requests: dict[str, Any], limits: dict[str, Any]) -> dict[str, An
     return out
 
 
+def _predictor_volume_source(m: PredictorModelRef) -> dict[str, Any]:
+    """The (read-only) volume source of a predictor model: one ConfigMap key, a PVC or an image."""
+    if m.config_map is not None:
+        return {"configMap": {"name": m.config_map, "items": [{"key": m.key, "path": m.key}]}}
+    v = m.volume
+    assert v is not None
+    if v.persistent_volume_claim is not None:
+        return {
+            "persistentVolumeClaim": {"claimName": v.persistent_volume_claim.claim_name, "readOnly": True}
+        }
+    assert v.image is not None
+    image: dict[str, Any] = {"reference": v.image.reference}
+    if v.image.pull_policy is not None:
+        image["pullPolicy"] = v.image.pull_policy
+    return {"image": image}  # image volumes are always read-only
+
+
 def _picker_deployment(pool: PoolRef, spec: PoolSpec, picker_image: str) -> dict[str, Any]:
     name = child_name(pool, "picker")
     args = [
@@ -228,9 +245,7 @@ def _picker_deployment(pool: PoolRef, spec: PoolSpec, picker_image: str) -> dict
     for m in spec.routing.predictor_models:
         vol = f"predictor-{m.name}"
         mounts.append({"name": vol, "mountPath": f"{PREDICTOR_DIR}/{m.name}", "readOnly": True})
-        volumes.append(
-            {"name": vol, "configMap": {"name": m.config_map, "items": [{"key": m.key, "path": m.key}]}}
-        )
+        volumes.append({"name": vol, **_predictor_volume_source(m)})
     container: dict[str, Any] = {
         "name": "picker",
         "image": spec.picker.image or picker_image,

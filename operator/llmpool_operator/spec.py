@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from llmpool.predict.names import resolve_model_names
 from llmpool.routing import builtin_registry
 from llmpool.routing.policy import ConfigError, PolicyConfig, PolicyRegistry
 
@@ -32,13 +33,16 @@ __all__ = [
     "AcceleratorSpec",
     "EngineSpec",
     "EnvVar",
+    "ImageVolume",
     "ModelSource",
     "ModelSpec",
     "PickerSpec",
     "PolicySpec",
     "PoolSpec",
     "PredictorModelRef",
+    "PredictorVolume",
     "PvcSource",
+    "PvcVolume",
     "ResourceRequirements",
     "RoutingSpec",
     "SaturationSpec",
@@ -194,12 +198,78 @@ class SaturationSpec(_Model):
     kv_threshold: float = Field(default=0.8, gt=0, le=1)
 
 
-class PredictorModelRef(_Model):
-    """A learned predictor's model file, taken from a ConfigMap key and mounted into the picker."""
+#: A relative path inside a volume: segments of letters, digits, ``_ - .`` that do not start
+#: with a dot (so no ``..``, no hidden files, no leading ``/``). The CRD has the same pattern.
+RELATIVE_PATH_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_.]*(/[A-Za-z0-9_][-A-Za-z0-9_.]*)*$"
 
-    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    config_map: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+
+class PvcVolume(_Model):
+    """A PersistentVolumeClaim (mounted read-only)."""
+
+    claim_name: str = Field(min_length=1, max_length=253)
+
+
+class ImageVolume(_Model):
+    """An OCI image or artifact as a read-only volume (Kubernetes image volumes: alpha in 1.31,
+    beta and on by default since 1.33)."""
+
+    reference: str = Field(min_length=1, max_length=1024)
+    pull_policy: Literal["Always", "Never", "IfNotPresent"] | None = None
+
+
+class PredictorVolume(_Model):
+    """Where a large model's files live: exactly one of a PVC or an image volume.
+
+    hostPath is deliberately not offered: the picker must not read the node's file system.
+    """
+
+    persistent_volume_claim: PvcVolume | None = None
+    image: ImageVolume | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_host_path(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and ("hostPath" in data or "host_path" in data):
+            raise ValueError("hostPath is not allowed; use persistentVolumeClaim or image")
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PredictorVolume:
+        if (self.persistent_volume_claim is None) == (self.image is None):
+            raise ValueError("exactly one of persistentVolumeClaim, image must be set")
+        return self
+
+
+class PredictorModelRef(_Model):
+    """A learned predictor's model, mounted read-only into the picker under ``name``.
+
+    Either one ConfigMap key (``configMap`` + ``key``; small files such as a fast-tier copy:
+    ConfigMaps hold at most 1 MiB) or a volume (``volume`` + ``path``: the model's ``.onnx``
+    inside it; the encoder tier's ``encoder.json``, ``encoder.head.onnx`` and
+    ``tokenizer.json`` sit beside it on the same volume).
+    """
+
+    name: str = Field(min_length=1, max_length=50, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    config_map: str | None = Field(default=None, min_length=1, max_length=253)
+    key: str | None = Field(default=None, min_length=1, max_length=253)
+    volume: PredictorVolume | None = None
+    path: str | None = Field(default=None, max_length=1024, pattern=RELATIVE_PATH_PATTERN)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PredictorModelRef:
+        if (self.config_map is None) == (self.volume is None):
+            raise ValueError("exactly one of configMap, volume must be set")
+        if self.config_map is not None and (self.key is None or self.path is not None):
+            raise ValueError("configMap takes key (and no path)")
+        if self.volume is not None and (self.path is None or self.key is not None):
+            raise ValueError("volume takes path (and no key)")
+        return self
+
+    def file(self) -> str:
+        """The model file relative to its mount directory."""
+        f = self.key if self.config_map is not None else self.path
+        assert f is not None
+        return f
 
 
 class RoutingSpec(_Model):
@@ -287,7 +357,9 @@ class PoolSpec(_Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"routing.predictorModels: duplicate name {', '.join(dup)}")
-        _check_policy(self.routing.policy)
+        if "fast" in names:
+            raise ValueError("routing.predictorModels: 'fast' is the built-in model's name; choose another")
+        _check_policy(self.routing.policy, names)
         return self
 
 
@@ -296,14 +368,19 @@ def _registry() -> PolicyRegistry:
     return builtin_registry()
 
 
-def _check_policy(policy: PolicySpec) -> None:
+def _check_policy(policy: PolicySpec, model_names: list[str]) -> None:
     reg = _registry()
     try:
         spec = reg.spec(policy.name)
         if spec.lab_only:
             live = ", ".join(s.name for s in reg if not s.lab_only)
             raise ConfigError(f"policy {policy.name!r} is lab-only; live policies: {live}")
-        reg.validate(PolicyConfig(name=policy.name, params=dict(policy.params)))
+        # A learned predictor may name a model of predictorModels. The files are only in the
+        # picker's pod: the parameters are checked with the packaged model in their place.
+        params = resolve_model_names(
+            dict(policy.params), dict.fromkeys(model_names, "fast"), where="params", source="predictorModels"
+        )
+        reg.validate(PolicyConfig(name=policy.name, params=params))
     except ConfigError as err:
         raise ValueError(f"routing.policy: {err}") from None
 

@@ -388,6 +388,83 @@ def test_predictor_models_are_mounted_and_named_in_the_config(tmp_path: Path) ->
     ]
 
 
+@pytest.mark.parametrize(
+    ("volume", "source", "k8s_versions"),
+    [
+        (
+            {"persistentVolumeClaim": {"claimName": "models"}},
+            {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+            K8S_VERSIONS,
+        ),
+        (
+            {"image": {"reference": "registry.example/llmpool-encoder:v1", "pullPolicy": "IfNotPresent"}},
+            {"image": {"reference": "registry.example/llmpool-encoder:v1", "pullPolicy": "IfNotPresent"}},
+            ("1.37.0",),  # image volumes are Kubernetes 1.31+
+        ),
+    ],
+    ids=["pvc", "image"],
+)
+def test_a_predictor_model_volume_is_mounted_read_only(
+    volume: dict[str, Any], source: dict[str, Any], k8s_versions: tuple[str, ...]
+) -> None:
+    learned = {"name": "learned", "params": {"model": "encoder"}}
+    raw = _minimal(
+        routing={
+            "policy": {"name": "impact", "params": {"predictor": learned}},
+            "predictorModels": [{"name": "encoder", "volume": volume, "path": "v3/encoder.onnx"}],
+        }
+    )
+    LLMPOOL_SCHEMA.validate({"apiVersion": "llmpool.io/v1alpha1", "kind": "LLMPool",
+                             "metadata": {"name": "p", "namespace": "ns"}, "spec": raw})  # fmt: skip
+    spec = parse_spec(raw)
+    children = build_children(PoolRef("p", "ns"), spec)
+    config = picker_config(spec)
+    assert config["predictor_models"] == {"encoder": "/var/lib/llmpool/predictors/encoder/v3/encoder.onnx"}
+    assert config["policy"]["params"]["predictor"] == learned  # the picker resolves the name
+    dep = _by_kind(children, "Deployment", "p-picker")
+    pod = dep["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["predictor-encoder"] == {
+        "name": "predictor-encoder",
+        **source,
+    }
+    (c,) = pod["containers"]
+    assert {
+        "name": "predictor-encoder",
+        "mountPath": "/var/lib/llmpool/predictors/encoder",
+        "readOnly": True,
+    } in c["volumeMounts"]
+    for k8s in k8s_versions:
+        kubernetes_validate.validate(dep, k8s, strict=True)
+    # the engine never carries it
+    assert "predictor" not in str(_by_kind(children, "Deployment", "p-engine"))
+
+
+def test_the_rendered_config_resolves_the_model_name_in_the_picker(tmp_path: Path) -> None:
+    # The picker's view: the volume is mounted at the predictor dir; here a copy of the fast tier.
+    from llmpool.predict.runtime import builtin_path
+
+    spec = parse_spec(
+        _minimal(
+            routing={
+                "policy": {
+                    "name": "brh",
+                    "params": {"predictor": {"name": "learned", "params": {"model": "enc"}}},
+                },
+                "predictorModels": [
+                    {"name": "enc", "volume": {"image": {"reference": "r"}}, "path": "m/fast.onnx"}
+                ],
+            }
+        )
+    )
+    text = picker_config_yaml(spec).replace("/var/lib/llmpool/predictors", str(tmp_path))
+    (tmp_path / "enc" / "m").mkdir(parents=True)
+    for suffix in (".onnx", ".json"):
+        src = builtin_path("fast").with_suffix(suffix)
+        (tmp_path / "enc" / "m" / src.name).write_bytes(src.read_bytes())
+    cfg = parse_config(text, "configmap")
+    assert cfg.policy.params["predictor"]["params"]["model"] == str(tmp_path / "enc" / "m" / "fast.onnx")
+
+
 ROUTING_EDITS: list[dict[str, Any]] = [
     {"policy": {"name": "br0"}},
     {"policy": {"name": "impact", "params": {"impact_weight": 2.0}}},

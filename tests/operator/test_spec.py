@@ -92,10 +92,16 @@ def test_devices_per_pod_and_ports() -> None:
     assert parse_spec(_minimal(minReplicas=1, maxReplicas=3)).autoscaled
 
 
+def _pm(*models: dict[str, Any], **routing: Any) -> dict[str, Any]:
+    return _minimal(routing={"predictorModels": list(models), **routing})
+
+
 def _cel_rules(schema: dict[str, Any]) -> list[str]:
     rules = [r["rule"] for r in schema.get("x-kubernetes-validations", [])]
     for sub in schema.get("properties", {}).values():
         rules += _cel_rules(sub)
+    if "items" in schema:
+        rules += _cel_rules(schema["items"])
     return rules
 
 
@@ -122,6 +128,21 @@ CEL_CASES: list[tuple[dict[str, Any], str]] = [
     ),
     (_minimal(engine={"port": 65530}), "spec.engine.port:"),
     (_minimal(accelerator={"kind": "none", "count": 1}), "spec.accelerator: kind none takes no count"),
+    (
+        _pm(
+            {"name": "a", "configMap": "c", "key": "k", "volume": {"image": {"reference": "r"}}, "path": "x"}
+        ),
+        "spec.routing.predictorModels.0: exactly one of configMap, volume must be set",
+    ),
+    (
+        _pm({"name": "a", "volume": {"persistentVolumeClaim": {"claimName": "c"}}}),
+        "spec.routing.predictorModels.0: volume takes path",
+    ),
+    (_pm({"name": "fast", "configMap": "c", "key": "k"}), "'fast' is the built-in model's name"),
+    (
+        _pm({"name": "a", "volume": {}, "path": "m.onnx"}),
+        "spec.routing.predictorModels.0.volume: exactly one of persistentVolumeClaim, image must be set",
+    ),
 ]
 
 
@@ -163,6 +184,27 @@ BAD: list[tuple[Any, str]] = [
         "spec.routing.predictorModels: duplicate name a",
     ),
     ({"model": {"name": "m", "source": {"path": "relative"}}}, "spec.model.source.path:"),
+    (
+        _pm({"name": "enc", "volume": {"hostPath": {"path": "/models"}}, "path": "encoder.onnx"}),
+        "spec.routing.predictorModels.0.volume: hostPath is not allowed; use persistentVolumeClaim or image",
+    ),
+    (
+        _pm({"name": "enc", "volume": {"image": {"reference": "r"}}, "path": "../etc/passwd"}),
+        "spec.routing.predictorModels.0.path: String should match pattern",
+    ),
+    (_pm({"name": "enc", "volume": {"image": {"reference": "r"}}, "path": "/abs.onnx"}), ".path: String"),
+    (
+        _pm({"name": "enc", "volume": {"image": {"reference": "r", "pullPolicy": "Sometimes"}}, "path": "m"}),
+        "spec.routing.predictorModels.0.volume.image.pullPolicy:",
+    ),
+    (
+        _pm(
+            {"name": "enc", "volume": {"image": {"reference": "r"}}, "path": "m.onnx"},
+            policy={"name": "brh", "params": {"predictor": {"name": "learned", "params": {"model": "encx"}}}},
+        ),
+        "spec.routing.policy: params.predictor.params.model: unknown predictor model 'encx' "
+        "(named models in predictorModels: enc; built-in: fast; or the path of a .onnx file)",
+    ),
     ("not a mapping", "spec: must be a mapping"),
 ]
 
@@ -175,6 +217,24 @@ def test_bad_specs_are_rejected_with_one_line(raw: Any, fragment: str) -> None:
     assert fragment in msg, msg
     assert "\n" not in msg
     assert isinstance(err.value, ValueError)
+
+
+def test_named_predictor_models_are_accepted_by_the_policy_check() -> None:
+    learned = {"name": "learned", "params": {"model": "enc", "on_error": "raise"}}
+    spec = parse_spec(
+        _pm(
+            {
+                "name": "enc",
+                "volume": {"persistentVolumeClaim": {"claimName": "models"}},
+                "path": "v1/encoder.onnx",
+            },
+            {"name": "small", "configMap": "cm", "key": "fast.onnx"},
+            policy={"name": "brh", "params": {"predictor": learned}},
+        )
+    )
+    enc, small = spec.routing.predictor_models
+    assert enc.file() == "v1/encoder.onnx" and small.file() == "fast.onnx"
+    assert spec.routing.policy.params["predictor"] == learned  # the name stays in the spec
 
 
 def test_live_policies_with_params_are_accepted() -> None:

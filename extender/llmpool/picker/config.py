@@ -13,7 +13,8 @@ whose message is a single line naming the file and the field.
 Relative file paths in the config (``profile`` when it is a path, ``predictor_models``,
 ``tokenizer.path``) are resolved against the directory of the config file, so a config
 and the files it names can be mounted side by side; a loaded config holds the resolved
-paths.
+paths. A ``learned`` predictor whose ``params.model`` is a name of ``predictor_models``
+gets that file's path in the loaded config (:mod:`llmpool.predict.names`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llmpool.predict.names import is_model_name, resolve_model_names
+from llmpool.predict.runtime import BUILTIN_MODELS
 from llmpool.routing import builtin_registry
 from llmpool.routing.policy import ConfigError, PolicyConfig, PolicyRegistry, validation_message
 from llmpool.routing.profile import Profile, ProfileError, load_profile
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ConfigWatcher",
     "PickerConfig",
+    "PredictionSettings",
     "SaturationSettings",
     "ScrapeSettings",
     "TokenizerSettings",
@@ -110,6 +114,21 @@ class TokenizerSettings(_Strict):
     )
 
 
+class PredictionSettings(_Strict):
+    """How the picker runs a *blocking* length predictor (the learned encoder tier) off its loop."""
+
+    timeout_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=10,
+        description="Seconds a request waits for its off-loop prediction before it is predicted "
+        "empirically instead (default 0.05).",
+    )
+    threads: int = Field(
+        default=2, ge=1, le=64, description="Worker threads running blocking predictions (default 2)."
+    )
+
+
 class PickerConfig(_Strict):
     """The endpoint picker's whole configuration; every field has a default.
 
@@ -139,7 +158,12 @@ class PickerConfig(_Strict):
     )
     predictor_models: dict[NonEmptyStr, NonEmptyStr] = Field(
         default_factory=dict,
-        description="Named model files of learned predictors; each path must exist (default none).",
+        description="Named model files of learned predictors: a learned predictor's params.model may be "
+        "one of these names; each path must exist (default none).",
+    )
+    prediction: PredictionSettings = Field(
+        default_factory=PredictionSettings,
+        description="Off-loop prediction of blocking predictors (the learned encoder tier).",
     )
     scrape: ScrapeSettings = Field(default_factory=ScrapeSettings, description="Metrics scraping.")
     saturation: SaturationSettings = Field(
@@ -187,6 +211,22 @@ class PickerConfig(_Strict):
             reg.validate(value)
         except ConfigError as err:
             raise PydanticCustomError("policy", "{reason}", {"reason": str(err)}) from None
+        return value
+
+    @field_validator("predictor_models")
+    @classmethod
+    def _model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name in BUILTIN_MODELS:
+                raise PydanticCustomError(
+                    "model_name", "{name} is the built-in model's name; choose another", {"name": repr(name)}
+                )
+            if not is_model_name(name):
+                raise PydanticCustomError(
+                    "model_name",
+                    "name {name} looks like a path (a name has no '/' and no .onnx suffix)",
+                    {"name": repr(name)},
+                )
         return value
 
     @field_validator("served_model_names")
@@ -259,6 +299,19 @@ def parse_config(text: str, source: str, *, base_dir: str | os.PathLike[str] | N
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of settings, not {type(data).__name__}")
+    if "policy" in data:
+        # Named learned-predictor models become their (resolved) paths before the policy is
+        # checked: checking brh's parameters loads its predictor.
+        named = data.get("predictor_models")
+        paths = (
+            {str(k).strip(): _resolve(v.strip(), base) for k, v in named.items() if isinstance(v, str)}
+            if isinstance(named, dict)
+            else {}
+        )
+        try:
+            data = {**data, "policy": resolve_model_names(data["policy"], paths)}
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     try:
         cfg = PickerConfig.model_validate(data)
     except ValidationError as err:

@@ -12,7 +12,13 @@ owns everything the protocol document asks of a picker beyond the policy itself:
 * the conformance test header ``test-epp-endpoint-selection`` (the gateway conformance
   suite's way to say which pods to return);
 * accounting: the response's usage ends the request's flight, feeds the policy's
-  predictor the real output length, and corrects the prompt-token estimate.
+  predictor the real output length, and corrects the prompt-token estimate;
+* prediction: a new request's output length is predicted before the decision and stored in
+  ``Request.prediction`` (which every policy honours). A *blocking* predictor (the learned
+  encoder tier: milliseconds of CPU) runs its :meth:`~llmpool.routing.predictors.LengthPredictor.prepare`
+  step in a small worker pool, so the event loop keeps serving other streams; when it takes
+  longer than ``prediction.timeout_s`` the request is predicted empirically instead. Cheap
+  predictors run inline.
 
 It never does I/O; it is driven by the servicer on the event loop.
 """
@@ -20,6 +26,7 @@ It never does I/O; it is driven by the servicer on the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import logging
@@ -34,10 +41,12 @@ from llmpool.picker import protocol
 from llmpool.picker.bodies import BadRequestError, ParsedRequest, ResponseTap, parse_request, rewrite_body
 from llmpool.picker.config import PickerConfig
 from llmpool.picker.metrics import PickerMetrics
+from llmpool.predict.names import resolve_model_names
 from llmpool.routing import builtin_registry
-from llmpool.routing.policy import ConfigError, Policy, PolicyContext
+from llmpool.routing.policy import ConfigError, Policy, PolicyConfig, PolicyContext
+from llmpool.routing.predictors import LengthPredictor
 from llmpool.routing.profile import Profile, ProfileError, load_profile
-from llmpool.routing.types import EndpointState, Request
+from llmpool.routing.types import EndpointState, LengthPrediction, Request
 from llmpool.serving.datastore import Datastore, Flight
 from llmpool.serving.dispatch import Dispatcher, DispatchError, NoEndpointError
 
@@ -98,7 +107,10 @@ def build_policy(cfg: PickerConfig, rng: random.Random) -> Policy:
             profile = load_profile(cfg.profile)
         except ProfileError as err:
             raise ConfigError(f"profile: {err}") from None
-    return reg.build(cfg.policy, PolicyContext(rng=rng, truth=None, profile=profile))
+    # A config from parse_config has its named predictor models resolved already; one built
+    # in code may still name them.
+    policy = PolicyConfig.model_validate(resolve_model_names(cfg.policy.model_dump(), cfg.predictor_models))
+    return reg.build(policy, PolicyContext(rng=rng, truth=None, profile=profile))
 
 
 class Director:
@@ -117,29 +129,35 @@ class Director:
         self.ds = datastore
         self.metrics = metrics
         self.clock = clock
-        self.policy = policy or self._build_policy(cfg)
+        self.policy = policy or build_policy(cfg, self.rng)
         self.dispatcher = Dispatcher(
             self.policy, datastore, clock=clock, rng=self.rng, max_endpoints=cfg.max_endpoints
         )
         self.tokens = TokenEstimate()
         self._ids = itertools.count(1)
         self._tokenizer = _load_tokenizer(cfg.tokenizer.path)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # llmpool_fallback_active / llmpool_predictor_fallback: the current policy's status, read
+        # at scrape time (on the loop, where the policy lives).
+        metrics.fallback_source = self.fallback_status
 
-    def _build_policy(self, cfg: PickerConfig) -> Policy:
-        """:func:`build_policy`, setting ``llmpool_predictor_fallback`` when a learned model failed."""
-        from llmpool.predict.learned import fallback_count
-
-        before = fallback_count()
-        policy = build_policy(cfg, self.rng)
-        self.metrics.predictor_fallback.set(1.0 if fallback_count() > before else 0.0)
-        return policy
+    def fallback_status(self) -> dict[str, str]:
+        """The current policy's components on a fallback (``Policy.fallback_status``)."""
+        return dict(self.policy.fallback_status())
 
     # ------------------------------------------------------------------ config
     def apply_config(self, cfg: PickerConfig) -> None:
         """Hot reload: a new policy takes new requests; requests in flight finish on the old."""
-        if cfg.policy != self.cfg.policy or cfg.profile != self.cfg.profile:
-            self.policy = self._build_policy(cfg)
+        if (
+            cfg.policy != self.cfg.policy
+            or cfg.profile != self.cfg.profile
+            or cfg.predictor_models != self.cfg.predictor_models
+        ):
+            self.policy = build_policy(cfg, self.rng)
             self.dispatcher.set_policy(self.policy)
+        if cfg.prediction.threads != self.cfg.prediction.threads and self._pool is not None:
+            self._pool.shutdown(wait=False)  # predictions already submitted still finish
+            self._pool = None
         self.dispatcher.max_endpoints = cfg.max_endpoints
         if cfg.tokenizer.path != self.cfg.tokenizer.path:
             self._tokenizer = _load_tokenizer(cfg.tokenizer.path)
@@ -205,9 +223,12 @@ class Director:
             priority=priority,
         )
         predictor = getattr(self.policy, "predictor", None)
-        if predictor is not None and hasattr(predictor, "predict"):
+        if isinstance(predictor, LengthPredictor):
             tp = time.perf_counter()
-            req.prediction = predictor.predict(req)
+            if predictor.blocking:
+                req.prediction = await self._predict_off_loop(predictor, req)
+            else:
+                req.prediction = predictor.predict(req)
             self.metrics.predictor_seconds.observe(time.perf_counter() - tp)
         eligible = None if subset is None else _eligible_from(cands, self.ds)
         t_route = self.clock()
@@ -241,6 +262,31 @@ class Director:
             strip_usage=ask_usage,
             model_back=(rewrite, parsed.model) if rewrite and rewrite != parsed.model else None,
         )
+
+    async def _predict_off_loop(self, predictor: LengthPredictor, req: Request) -> LengthPrediction:
+        """A blocking predictor's answer: ``prepare`` in the worker pool, the rest on the loop.
+
+        Past ``prediction.timeout_s`` (or when ``prepare`` fails) the predictor answers without
+        its model for this request (``predict_prepared(req, None)``); a prediction still queued
+        is cancelled, one already running finishes in its thread and is dropped.
+        """
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.cfg.prediction.threads, thread_name_prefix="llmpool-predict"
+            )
+        loop = asyncio.get_running_loop()
+        prepared: object | None = None
+        try:
+            prepared = await asyncio.wait_for(
+                loop.run_in_executor(pool, predictor.prepare, req), self.cfg.prediction.timeout_s
+            )
+        except TimeoutError:
+            self.metrics.predictor_timeouts.inc()
+        except Exception:
+            log.exception("prediction failed; predicting request %d empirically", req.id)
+            self.metrics.predictor_timeouts.inc()
+        return predictor.predict_prepared(req, prepared)
 
     def progress(self, routed: Routed, tap: ResponseTap) -> None:
         fl = routed.flight
@@ -346,6 +392,9 @@ class Director:
 
     def close(self) -> None:
         self.dispatcher.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 def _eligible_from(cands: Sequence[int], ds: Datastore) -> Callable[[EndpointState], bool]:

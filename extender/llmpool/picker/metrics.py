@@ -6,13 +6,17 @@ per-endpoint gauges are read from the datastore only when Prometheus scrapes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from llmpool.routing.predictors import PREDICTOR_COMPONENT
 from llmpool.serving.datastore import Datastore
+
+log = logging.getLogger("llmpool.picker")
 
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,12 +43,16 @@ class PickerMetrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
-        self.predictor_fallback = Gauge(
-            "llmpool_predictor_fallback",
-            "1 while the configured learned predictor's model file could not load and the survival "
-            "predictor answers instead (the warning log says why)",
+        self.predictor_timeouts = Counter(
+            "llmpool_predictor_timeouts",
+            "Requests whose off-loop prediction (a blocking predictor such as the learned encoder tier) "
+            "did not arrive within prediction.timeout_s or failed; they were predicted empirically",
             registry=r,
         )
+        #: What ``llmpool_fallback_active`` reports, read at every scrape: component -> reason.
+        #: The Director points it at its current policy's ``fallback_status``.
+        self.fallback_source: Callable[[], Mapping[str, str]] = dict
+        r.register(_FallbackCollector(self))
         self.queue_wait_seconds = Histogram(
             "llmpool_queue_wait_seconds",
             "Time a request was held at the router before it was routed",
@@ -79,6 +87,36 @@ class PickerMetrics:
     def attach(self, datastore: Datastore, queued: Callable[[], int]) -> None:
         """Export the datastore's per-endpoint state (read at scrape time)."""
         self.registry.register(_PoolCollector(datastore, queued))
+
+
+class _FallbackCollector(Collector):
+    """``llmpool_fallback_active{component}`` (1 per component on a fallback) and the older
+    ``llmpool_predictor_fallback`` (1 while the ``predictor`` component is), from one source."""
+
+    def __init__(self, metrics: PickerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            status = dict(self.metrics.fallback_source())
+        except Exception:  # a scrape never fails because of a policy
+            log.exception("reading the policy's fallback status failed")
+            status = {}
+        active = GaugeMetricFamily(
+            "llmpool_fallback_active",
+            "1 for each component of the routing policy that runs on a fallback (a model that could "
+            "not load, ...); the warning log says why",
+            labels=["component"],
+        )
+        for component in sorted(status):
+            active.add_metric([component], 1.0)
+        yield active
+        yield GaugeMetricFamily(
+            "llmpool_predictor_fallback",
+            "1 while the policy's length predictor runs on its fallback (a learned model file could not "
+            'load; survival answers); same as llmpool_fallback_active{component="predictor"}',
+            value=1.0 if PREDICTOR_COMPONENT in status else 0.0,
+        )
 
 
 class _PoolCollector(Collector):

@@ -22,10 +22,20 @@ with weight ``w / (w + correction_prior)`` (``w`` the model's decayed observatio
 response that stopped at its ``max_tokens`` says nothing about its natural length and is not
 used. At most ``max_models`` models are tracked (LRU): memory is bounded.
 
+**Off the event loop** (encoder tier): the predictor is ``blocking``. The live picker runs
+:meth:`LearnedPredictor.prepare` (the model call: tokenizer + onnxruntime, which release the GIL;
+no predictor state is touched) in a worker thread and hands the result to
+:meth:`LearnedPredictor.predict_prepared` on its loop, which caches it, so ``predict``,
+``termination`` and ``expected_remaining`` of that request are cache hits. When the model's
+answer is not there in time (``prepared is None``), the request is answered for its whole life
+by an empirical ``survival`` predictor that every completion trains (kept for blocking tiers
+only). The lab calls ``predict`` synchronously, as for any predictor.
+
 :func:`build_learned` loads the model file; if it cannot, it raises a one-line
-:class:`~llmpool.routing.policy.ConfigError` (``on_error: raise``) or logs a warning, counts the
-fallback (:func:`fallback_count`) and returns a ``survival`` predictor (``on_error: fallback``,
-the default: a picker never crashes on a bad model file).
+:class:`~llmpool.routing.policy.ConfigError` (``on_error: raise``) or logs a warning and returns
+a :class:`LearnedFallback` (a ``survival`` predictor whose :meth:`~LearnedFallback.fallback_reason`
+says why; ``on_error: fallback``, the default: a picker never crashes on a bad model file).
+Policies report it through ``Policy.fallback_status``; there is no process-wide state.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import logging
 import math
 from bisect import bisect_right
 from collections import OrderedDict
-from typing import Final
+from typing import Final, TypeAlias, cast
 
 from llmpool.predict import PredictError
 from llmpool.predict.runtime import LoadedModel, load_model
@@ -42,24 +52,23 @@ from llmpool.routing.policy import ConfigError
 from llmpool.routing.predictors import (
     LearnedParams,
     LengthPredictor,
+    SurvivalParams,
     SurvivalPredictor,
     _geom_remaining,
     _geom_termination,
 )
 from llmpool.routing.types import LengthPrediction, Request
 
-__all__ = ["LearnedPredictor", "build_learned", "fallback_count"]
+__all__ = ["LearnedFallback", "LearnedPredictor", "build_learned"]
 
 log = logging.getLogger("llmpool.predict")
 
 _SQRT2: Final = math.sqrt(2.0)
 _TINY: Final = 1e-12
-_FALLBACKS = [0]
 
-
-def fallback_count() -> int:
-    """How many times :func:`build_learned` fell back to ``survival`` in this process."""
-    return _FALLBACKS[0]
+# What prepare() hands to predict_prepared(): (model, prompt_tokens, max_tokens, mu, sigma, probs),
+# the key fields of the request it was computed for first.
+_Raw: TypeAlias = tuple[str, int, int | None, float, float, tuple[float, ...]]
 
 
 def _phi_between(z1: float, z2: float) -> float:
@@ -122,12 +131,27 @@ class LearnedPredictor(LengthPredictor):
         # model -> [sum r, sum r^2, weight] (decayed)
         self._corr: OrderedDict[str, list[float]] = OrderedDict()
         # request id -> (model, prompt_tokens, max_tokens, mu_raw, sigma_raw, head probs)
-        self._cache: OrderedDict[int, tuple[str, int, int | None, float, float, tuple[float, ...]]] = (
-            OrderedDict()
-        )
+        self._cache: OrderedDict[int, _Raw] = OrderedDict()
+        # A model that costs milliseconds per request (the encoder) is run off the picker's loop;
+        # requests whose answer did not come in time are answered by this empirical predictor.
+        self.blocking = model.tier != "fast"
+        self._empirical: SurvivalPredictor | None = None
+        self._no_model: OrderedDict[int, None] = OrderedDict()  # ids answered by _empirical
+        if self.blocking:
+            self._empirical = SurvivalPredictor(
+                p.fallback.model_copy(update={"bucket_edges": p.bucket_edges})
+            )
 
     # ------------------------------------------------------------------ the model's answer
-    def _raw(self, request: Request) -> tuple[float, float, tuple[float, ...]]:
+    def _infer(self, request: Request) -> _Raw:
+        """The model's answer for a request: reads only the request and the immutable model."""
+        mu, probs = self.model.infer(
+            request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task
+        )
+        s = self.model.sigma_of(request.model)
+        return (request.model, request.prompt_tokens, request.max_tokens, mu, s, probs)
+
+    def _cached(self, request: Request) -> _Raw | None:
         c = self._cache.get(request.id)
         if (
             c is not None
@@ -135,16 +159,46 @@ class LearnedPredictor(LengthPredictor):
             and c[1] == request.prompt_tokens
             and c[2] == request.max_tokens
         ):
-            return c[3], c[4], c[5]
-        mu, probs = self.model.infer(
-            request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task
-        )
-        s = self.model.sigma_of(request.model)
+            return c
+        return None
+
+    def _store(self, request: Request, raw: _Raw) -> None:
         cache = self._cache
-        if len(cache) >= self._cache_size:
+        if request.id not in cache and len(cache) >= self._cache_size:
             cache.popitem(last=False)
-        cache[request.id] = (request.model, request.prompt_tokens, request.max_tokens, mu, s, probs)
-        return mu, s, probs
+        cache[request.id] = raw
+
+    def _raw(self, request: Request) -> tuple[float, float, tuple[float, ...]]:
+        c = self._cached(request)
+        if c is None:
+            c = self._infer(request)
+            self._store(request, c)
+        return c[3], c[4], c[5]
+
+    def _empirical_for(self, request: Request) -> SurvivalPredictor | None:
+        """The empirical predictor when this request is answered without the model."""
+        if self._empirical is not None and request.id in self._no_model:
+            return self._empirical
+        return None
+
+    # ------------------------------------------------------------------ off the event loop
+    def prepare(self, request: Request) -> object | None:
+        """The model call for a new request (thread-safe: the predictor's state is untouched)."""
+        return self._infer(request)
+
+    def predict_prepared(self, request: Request, prepared: object | None) -> LengthPrediction:
+        if isinstance(prepared, tuple) and len(prepared) == 6:
+            raw = cast(_Raw, prepared)
+            if raw[:3] == (request.model, request.prompt_tokens, request.max_tokens):
+                self._store(request, raw)
+                return self.predict(request)
+        if self._cached(request) is not None or self._empirical is None:
+            return self.predict(request)  # the answer is cached, or the model is cheap
+        no = self._no_model
+        if request.id not in no and len(no) >= self._cache_size:
+            no.popitem(last=False)
+        no[request.id] = None
+        return self._empirical.predict(request)
 
     def _corrected(self, model: str, mu: float, s: float) -> tuple[float, float, bool]:
         st = self._corr.get(model)
@@ -166,6 +220,9 @@ class LearnedPredictor(LengthPredictor):
 
     # ------------------------------------------------------------------ the interface
     def predict(self, request: Request) -> LengthPrediction:
+        emp = self._empirical_for(request)
+        if emp is not None:
+            return emp.predict(request)
         mu0, s0, head = self._raw(request)
         mu, s, corrected = self._corrected(request.model, mu0, s0)
         if self._corr.get(request.model) is not None:
@@ -211,6 +268,9 @@ class LearnedPredictor(LengthPredictor):
     def termination(self, request: Request, age: int, horizon: int) -> tuple[float, float]:
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
+        emp = self._empirical_for(request)
+        if emp is not None:
+            return emp.termination(request, age, horizon)
         a = age if age > 0 else 0
         cap = request.max_tokens
         if cap is not None:
@@ -234,6 +294,9 @@ class LearnedPredictor(LengthPredictor):
         return (p_fin if p_fin < 1.0 else 1.0), (1.0 if rem < 1.0 else (h if rem > h else rem))
 
     def expected_remaining(self, request: Request, age: int) -> float:
+        emp = self._empirical_for(request)
+        if emp is not None:
+            return emp.expected_remaining(request, age)
         a = age if age > 0 else 0
         cap = request.max_tokens
         if cap is not None:
@@ -251,12 +314,23 @@ class LearnedPredictor(LengthPredictor):
         return rem if rem > 1.0 else 1.0
 
     def observe(self, request: Request, output_tokens: int) -> None:
+        if self._empirical is not None:
+            self._empirical.observe(request, output_tokens)
+            if request.id in self._no_model:
+                del self._no_model[request.id]
+                self._cache.pop(request.id, None)
+                return  # answered without the model: no mu to correct
         cap = request.max_tokens
         length = output_tokens if output_tokens >= 1 else 1
         if cap is not None and length >= cap:
             self._cache.pop(request.id, None)
             return  # stopped at the cap: its natural length is unknown
-        mu, _, _ = self._raw(request)
+        c = self._cached(request)
+        if c is None:
+            if self.blocking:
+                return  # never run a slow model just to learn (its answer was evicted)
+            c = self._infer(request)
+        mu = c[3]
         self._cache.pop(request.id, None)
         r = math.log(length) - mu
         corr = self._corr
@@ -280,6 +354,21 @@ class LearnedPredictor(LengthPredictor):
         return st[0] / (st[2] + self._k0), st[2]
 
 
+class LearnedFallback(SurvivalPredictor):
+    """The ``survival`` predictor standing in for a learned model that could not load.
+
+    :meth:`fallback_reason` is the one-line load error; policies report it through
+    ``Policy.fallback_status`` (the picker's ``llmpool_fallback_active{component="predictor"}``).
+    """
+
+    def __init__(self, params: SurvivalParams, reason: str) -> None:
+        super().__init__(params)
+        self.reason = reason
+
+    def fallback_reason(self) -> str | None:
+        return self.reason
+
+
 def build_learned(params: LearnedParams) -> LengthPredictor:
     """A :class:`LearnedPredictor` on ``params.model``, or the survival fallback (see module doc)."""
     try:
@@ -287,7 +376,9 @@ def build_learned(params: LearnedParams) -> LengthPredictor:
     except PredictError as err:
         if params.on_error == "raise":
             raise ConfigError(f"predictor 'learned': {err}") from None
-        _FALLBACKS[0] += 1
         log.warning("predictor 'learned': %s; falling back to the survival predictor", err)
-        return SurvivalPredictor(params.fallback.model_copy(update={"bucket_edges": params.bucket_edges}))
+        return LearnedFallback(
+            params.fallback.model_copy(update={"bucket_edges": params.bucket_edges}),
+            f"predictor 'learned': {err}",
+        )
     return LearnedPredictor(model, params)

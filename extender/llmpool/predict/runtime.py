@@ -13,6 +13,7 @@ head's probabilities for :attr:`LoadedModel.edges`.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Sequence
 from importlib import resources
@@ -317,6 +318,13 @@ def load_model(path: str | Path) -> LoadedModel:
     try:
         st = p.stat()
     except OSError:
+        name = str(path)
+        if not ("/" in name or os.sep in name or name.endswith(".onnx")):  # a name, not a path
+            raise PredictError(
+                f"predictor model {name!r}: no such file, and not a built-in model "
+                f"({', '.join(BUILTIN_MODELS)}); named models are resolved only through the picker "
+                "config's predictor_models"
+            ) from None
         raise PredictError(f"predictor model {p}: no such file") from None
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     with _LOCK:

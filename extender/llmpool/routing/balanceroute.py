@@ -106,7 +106,7 @@ defaults) per popped worker, vectorised.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from itertools import combinations, islice
 from typing import Any, Final, Literal
@@ -116,7 +116,12 @@ import numpy.typing as npt
 from pydantic import Field, field_validator, model_validator
 
 from llmpool.routing.policy import ConfigError, Policy, PolicyContext, PolicyParams, PolicyRegistry
-from llmpool.routing.predictors import LengthPredictor, PredictorConfig, build_predictor
+from llmpool.routing.predictors import (
+    LengthPredictor,
+    PredictorConfig,
+    build_predictor,
+    predictor_fallback_status,
+)
 from llmpool.routing.types import ActiveRequest, Decision, EndpointState, Hold, PoolView, Request, Route
 
 __all__ = [
@@ -777,6 +782,9 @@ class BalanceRouteH(BalanceRoute):
         self._fresh: dict[int, tuple[int, float]] = {}
 
     # ------------------------------------------------------------------ interface
+    def fallback_status(self) -> Mapping[str, str]:
+        return predictor_fallback_status(self.predictor)
+
     def on_completed(self, request: Request, endpoint: int, output_tokens: int, now: float) -> None:
         if output_tokens >= 0:  # < 0: the response failed; nothing to learn
             self.predictor.observe(request, output_tokens)

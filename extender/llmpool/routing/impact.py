@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,12 @@ from llmpool.routing.policy import (
     PolicyParams,
     PolicyRegistry,
 )
-from llmpool.routing.predictors import LengthPredictor, PredictorConfig, build_predictor
+from llmpool.routing.predictors import (
+    LengthPredictor,
+    PredictorConfig,
+    build_predictor,
+    predictor_fallback_status,
+)
 from llmpool.routing.profile import EngineConfig, Profile, StepCost, load_profile
 from llmpool.routing.types import Decision, EndpointState, Hold, PoolView, Request, Route
 
@@ -220,6 +225,9 @@ class ImpactPolicy(Policy):
         if ctx.profile is not None:
             return ctx.profile
         raise ConfigError("policy 'impact': no step-cost profile: set params.profile (e.g. a100-llama3-8b)")
+
+    def fallback_status(self) -> Mapping[str, str]:
+        return predictor_fallback_status(self.predictor)
 
     # ------------------------------------------------------------------ helpers
     def _expected_len(self, req: Request) -> float:

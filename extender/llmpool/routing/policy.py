@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -108,6 +108,17 @@ class Policy(abc.ABC):
         self, request: Request, endpoint: int, output_tokens: int, now: float
     ) -> None:
         """The request finished on ``endpoint`` with ``output_tokens`` generated."""
+
+    def fallback_status(self) -> Mapping[str, str]:
+        """Components of this policy that run on a fallback now: component -> reason (one line).
+
+        Empty (the default) when everything runs as configured. A policy that owns a model
+        (a learned length predictor, a trained routing model, ...) reports it here while a
+        stand-in answers for it, e.g. ``{"predictor": "model file ... does not match"}``; the
+        picker exports each component as ``llmpool_fallback_active{component=...} 1``. Cheap
+        and side-effect free: the picker calls it at every metrics scrape.
+        """
+        return {}
 
 
 Factory = Callable[[Any, PolicyContext], Policy]

@@ -25,7 +25,9 @@ back to Survival), and :class:`PerModelPredictor` (one child per model name). Bu
 
 No I/O and no randomness: the same observations give the same answers, in the lab and live.
 Memory is bounded by the parameters (fixed-size arrays and LRU-bounded maps). Predictors are
-not thread-safe; the picker calls them from its single decision loop.
+not thread-safe; the picker calls them from its single decision loop. The one exception is
+:meth:`LengthPredictor.prepare`, the expensive part of ``predict`` of a ``blocking`` predictor,
+which touches no predictor state: the picker runs it in a worker thread.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from llmpool.routing.types import LengthPrediction, Request
 
 __all__ = [
     "DEFAULT_BUCKET_EDGES",
+    "PREDICTOR_COMPONENT",
     "ExactMatchParams",
     "ExactMatchPredictor",
     "LengthPredictor",
@@ -62,6 +65,7 @@ __all__ = [
     "SurvivalPredictor",
     "Truth",
     "build_predictor",
+    "predictor_fallback_status",
     "predictor_names",
     "prompt_identity",
 ]
@@ -93,10 +97,38 @@ class LengthPredictor(abc.ABC):
 
     name: ClassVar[str] = ""
     bucket_edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES
+    #: True when :meth:`predict` runs a model that costs milliseconds of CPU per new request
+    #: (the learned predictor's encoder tier). A driver with an event loop (the live picker)
+    #: then runs :meth:`prepare` in a worker thread and finishes with :meth:`predict_prepared`
+    #: on its own thread; a synchronous driver (the lab) just calls :meth:`predict`.
+    blocking: bool = False
 
     @abc.abstractmethod
     def predict(self, request: Request) -> LengthPrediction:
         """``E[L]`` and the bucket probabilities for a new request; ``source`` names the model used."""
+
+    def prepare(self, request: Request) -> object | None:
+        """The expensive part of :meth:`predict` for a new request, safe to run in a worker thread.
+
+        It reads the request and the predictor's immutable model only (no state of the predictor
+        changes), so it may run concurrently with any other call. Its result goes to
+        :meth:`predict_prepared`. The default does nothing (returns ``None``).
+        """
+        return None
+
+    def predict_prepared(self, request: Request, prepared: object | None) -> LengthPrediction:
+        """:meth:`predict` given :meth:`prepare`'s result, on the driver's thread.
+
+        ``prepared`` is ``None`` when the prepared part is not available (it timed out or failed):
+        a blocking predictor then answers without its model (empirically) for this request, for
+        its whole life (``termination`` and ``expected_remaining`` included), and never runs the
+        model inline. The default ignores ``prepared`` and calls :meth:`predict`.
+        """
+        return self.predict(request)
+
+    def fallback_reason(self) -> str | None:
+        """Why a stand-in answers instead of the configured model (one line), or ``None``."""
+        return None
 
     @abc.abstractmethod
     def termination(self, request: Request, age: int, horizon: int) -> tuple[float, float]:
@@ -120,6 +152,17 @@ class LengthPredictor(abc.ABC):
         """``E[min(L - age, horizon) | L > age]``: BR-H's ``(1 - p_fin) * H + p_fin * mu_rem``."""
         p_fin, mu_rem = self.termination(request, age, horizon)
         return (1.0 - p_fin) * horizon + p_fin * mu_rem
+
+
+PREDICTOR_COMPONENT: Final = "predictor"
+"""The component name a policy's length predictor reports under in ``Policy.fallback_status``."""
+
+
+def predictor_fallback_status(predictor: LengthPredictor) -> dict[str, str]:
+    """``{"predictor": reason}`` while a stand-in answers for ``predictor``'s model, else ``{}``
+    (what a policy that owns one predictor returns from ``Policy.fallback_status``)."""
+    reason = predictor.fallback_reason()
+    return {} if reason is None else {PREDICTOR_COMPONENT: reason}
 
 
 # --------------------------------------------------------------------------------------------
@@ -835,7 +878,9 @@ class PerModelPredictor(LengthPredictor):
         self._max_models = max_models
         self._children: OrderedDict[str, LengthPredictor] = OrderedDict()
         self._spare: LengthPredictor | None = factory()
+        self._template = self._spare  # the first child: answers prepare() for unseen models
         self.bucket_edges = self._spare.bucket_edges
+        self.blocking = self._spare.blocking
 
     @property
     def num_models(self) -> int:
@@ -869,6 +914,22 @@ class PerModelPredictor(LengthPredictor):
 
     def predict(self, request: Request) -> LengthPrediction:
         return self._use(self._key(request)).predict(request)
+
+    def prepare(self, request: Request) -> object | None:
+        # Thread-safe: a plain lookup, no child is created or reordered here. Children come from
+        # one factory, so an unseen model's prepared part is the template child's.
+        c = self._children.get(self._key(request))
+        return (c if c is not None else self._template).prepare(request)
+
+    def predict_prepared(self, request: Request, prepared: object | None) -> LengthPrediction:
+        return self._use(self._key(request)).predict_prepared(request, prepared)
+
+    def fallback_reason(self) -> str | None:
+        for c in (self._template, *self._children.values()):
+            r = c.fallback_reason()
+            if r is not None:
+                return r
+        return None
 
     def termination(self, request: Request, age: int, horizon: int) -> tuple[float, float]:
         key = self._key(request)
