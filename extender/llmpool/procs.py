@@ -4,7 +4,9 @@ Used by ``llmpool demo`` and by the end-to-end tests. Every child runs in its ow
 (process group) with its output in a log file, gets SIGTERM when the thread that spawned it
 dies (Linux ``PR_SET_PDEATHSIG``, see :func:`llmpool.gateway.kill_with_parent`), and is
 stopped by pid: ``stop()`` sends SIGTERM and SIGKILLs after a grace period, ``kill()`` is a
-crash. Start-up errors carry the tail of the child's log.
+crash. A child that forks workers of its own (a real vLLM server: API server, engine core,
+worker) sets ``whole_group``: then both signal its whole process group and wait until no member
+of the group is left. Start-up errors carry the tail of the child's log.
 
 Envoy has its own class, :class:`llmpool.gateway.EnvoyProcess`.
 """
@@ -12,6 +14,7 @@ Envoy has its own class, :class:`llmpool.gateway.EnvoyProcess`.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -21,7 +24,17 @@ from pathlib import Path
 
 from llmpool.gateway import free_port, http_get, kill_with_parent
 
-__all__ = ["LLMPOOL_COMMAND", "EmulatorProcess", "ManagedProcess", "PickerProcess", "StartError"]
+__all__ = [
+    "LLMPOOL_COMMAND",
+    "EmulatorProcess",
+    "ManagedProcess",
+    "PickerProcess",
+    "StartError",
+    "group_members",
+    "stop_all",
+    "stop_group",
+    "wait_ready_all",
+]
 
 HOST = "127.0.0.1"
 #: How children run the ``llmpool`` CLI: the same interpreter as the parent.
@@ -33,13 +46,106 @@ class StartError(RuntimeError):
     """A process did not become ready; the message has the reason and its log tail."""
 
 
+# ------------------------------------------------------------------------- process groups
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids whose process group is ``pgid`` (Linux ``/proc``; [] elsewhere)."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # pragma: no cover - no /proc
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop_group(pgid: int, grace_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM every process of group ``pgid`` (SIGKILL when ``grace_s`` is 0), SIGKILL what is
+    left after ``grace_s``, wait until the group is empty, and reap ``proc`` (its leader) if given."""
+
+    def leader_wait(timeout: float) -> None:
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=timeout)
+
+    if group_members(pgid) or (proc is not None and proc.poll() is None):
+        signal_group(pgid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while group_members(pgid) and time.monotonic() < deadline:
+        if proc is not None and proc.poll() is None:
+            leader_wait(0.2)
+        else:
+            time.sleep(0.1)
+    if group_members(pgid):
+        signal_group(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while group_members(pgid) and time.monotonic() < deadline:
+            leader_wait(0.1) if proc is not None and proc.poll() is None else time.sleep(0.1)
+    leader_wait(5.0)
+
+
+def wait_ready_all(procs: Sequence[ManagedProcess], timeout_s: float | None = None) -> None:
+    """Wait until every launched process is ready (they boot in parallel). :class:`StartError` as soon
+    as one exits, or when one is not ready after ``timeout_s`` (default: the largest of theirs)."""
+    if not procs:
+        return
+    timeout = max(p.ready_timeout_s for p in procs) if timeout_s is None else timeout_s
+    interval = min(p.poll_interval_s for p in procs)
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    while True:
+        for p in list(pending):
+            if not p.alive():
+                rc = p.proc.returncode if p.proc is not None else None
+                raise StartError(f"{p.name} exited with status {rc} at start-up{p._tail()}")
+            with contextlib.suppress(Exception):
+                if p.ready():
+                    pending.remove(p)
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise StartError(f"{pending[0].name} not ready after {timeout:g}s{pending[0]._tail()}")
+        time.sleep(interval)
+
+
+def stop_all(procs: Sequence[ManagedProcess], grace_s: float | None = None) -> None:
+    """SIGTERM all of them first, then ``stop()`` each: they shut down in parallel."""
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.stop() if grace_s is None else p.stop(grace_s)
+
+
 class ManagedProcess:
     """One child with a fixed command line: launch / wait_ready / start / kill / stop / restart.
 
     Subclasses give ``command()`` and ``ready()``. ``env`` and ``cwd`` default to the parent's.
+    ``die_with_parent=False`` lets the child outlive this process (a launcher that exits).
     """
 
     name = "process"
+    #: Signal and wait for the child's whole process group, not just the child.
+    whole_group = False
+    #: Seconds between ``ready()`` polls while waiting.
+    poll_interval_s = 0.05
 
     def __init__(
         self,
@@ -48,11 +154,13 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -84,20 +192,12 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=kill_with_parent,  # a killed parent leaves no child behind
+                # a killed parent leaves no child behind
+                preexec_fn=kill_with_parent if self.die_with_parent else None,
             )
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                rc = self.proc.returncode if self.proc is not None else None
-                raise StartError(f"{self.name} exited with status {rc} at start-up{self._tail()}")
-            with contextlib.suppress(Exception):
-                if self.ready():
-                    return
-            time.sleep(0.05)
-        raise StartError(f"{self.name} not ready after {self.ready_timeout_s:g}s{self._tail()}")
+        wait_ready_all([self], self.ready_timeout_s)
 
     def start(self) -> None:
         self.launch()
@@ -110,15 +210,30 @@ class ManagedProcess:
     def kill(self) -> None:
         """SIGKILL by pid (a crash), and reap."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is not None and self.whole_group:
+            stop_group(proc.pid, 0.0, proc)
+        elif proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait(timeout=10)
 
+    def terminate(self) -> None:
+        """SIGTERM (to the group with ``whole_group``) without waiting; ``stop()`` then waits."""
+        proc = self.proc
+        if proc is None:
+            return
+        if self.whole_group:
+            signal_group(proc.pid, signal.SIGTERM)
+        elif proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM by pid, SIGKILL after ``grace_s``; always reaps."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is not None and self.whole_group:
+            stop_group(proc.pid, grace_s, proc)
+        elif proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
