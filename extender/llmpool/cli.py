@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predictor_parser(sub)
 
+    from llmpool.rl.cli import add_parser as add_rl_parser
+
+    add_rl_parser(sub)
+
     s = sub.add_parser("scenarios", help="list the lab's named scenarios")
     s.set_defaults(func=_cmd_scenarios)
     pl = sub.add_parser("policies", help="list the registered routing policies")

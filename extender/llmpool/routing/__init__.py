@@ -24,6 +24,7 @@ from llmpool.routing.types import (
 
 def builtin_registry() -> PolicyRegistry:
     """A fresh registry holding every policy that ships with LLMPool."""
+    from llmpool.rl.policy import register_rl
     from llmpool.routing.balanceroute import register_balanceroute
     from llmpool.routing.baselines import register_baselines
     from llmpool.routing.gie import register_gie
@@ -34,6 +35,7 @@ def builtin_registry() -> PolicyRegistry:
     register_gie(reg)
     register_impact(reg)
     register_balanceroute(reg)
+    register_rl(reg)
     return reg
 
 

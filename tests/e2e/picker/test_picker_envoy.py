@@ -347,3 +347,32 @@ def test_tls_to_the_picker_and_graceful_drain(emulators: Any, picker: Any, envoy
 
     _run(main())
     assert p.proc is not None and p.proc.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize("model", ["paper-a", "missing.onnx"], ids=["packaged-model", "missing-model"])
+def test_rl_policy_through_envoy(emulators: Any, picker: Any, envoy: Any, model: str) -> None:
+    """The ``rl`` policy routes live with its ONNX network; a missing model falls back to the
+    impact heuristic, says so in ``llmpool_fallback_active``, and still serves every request."""
+    emus = emulators(2)
+    cfg = {"policy": {"name": "rl", "params": {"model": model}}, "profile": "a100-llama3-8b"}
+    p = picker(emus, config=cfg)
+    gw = envoy(picker=p)
+    bodies = [_body(3 + i % 5, stream=i % 2 == 0, usage=True) for i in range(12)]
+
+    async def main() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            out = []
+            for b in bodies:
+                st, raw = await _post(s, gw.url, b)
+                out.append(_completion_tokens(st, raw, b["stream"]))
+            return out
+
+    assert _run(main()) == [b["max_tokens"] for b in bodies]
+    text = p.metrics_text()
+    assert metric(text, "llmpool_decisions_total", policy="rl") == 12
+    assert sum(served_by(emus)) == 12
+    fallback = 'llmpool_fallback_active{component="rl-model"}'
+    if model == "paper-a":
+        assert fallback not in text
+    else:
+        assert metric(text, "llmpool_fallback_active", component="rl-model") == 1
