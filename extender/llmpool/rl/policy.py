@@ -98,14 +98,7 @@ class _Heuristic(ImpactPolicy):
                 self._plan_round(view)
             if request.id not in self._release:
                 return None
-        fresh = [ep for ep in eps if not ep.stale] or list(eps)
-        if self.p.hold:
-            fresh = [ep for ep in fresh if self._free_slots(ep) > 0] or fresh
-        credit = (
-            self._prefix.match(request.prefix_hashes)
-            if self._prefix is not None and request.prefix_hashes
-            else None
-        )
+        fresh, credit = self._candidates(request, eps)
         expected = self._expected_len(request)
         p = self.p
         out: list[Candidate] = []

@@ -474,6 +474,10 @@ class Trainer:
             "episodes": self.episode,
             "seed": cfg.seed,
             "allow_hold": cfg.allow_hold,
+            "train_config": {
+                k: _norm(getattr(cfg, k))
+                for k in ("gamma", "tick_s", "demo_episodes", "beta_d", "completion_reward", "lr", "hidden")
+            },
             **extra,
         }
         return write_model(path, self.online.layers(), meta)

@@ -297,6 +297,20 @@ class ImpactPolicy(Policy):
             heapq.heappush(heap, item)
         self._release = release
 
+    def _candidates(
+        self, request: Request, eps: Sequence[EndpointState]
+    ) -> tuple[list[EndpointState], dict[str, int] | None]:
+        """The endpoints that compete for ``request`` and its prefix credit per endpoint name."""
+        fresh = [ep for ep in eps if not ep.stale] or list(eps)
+        if self.p.hold:  # late binding: only endpoints with a free batch slot compete
+            fresh = [ep for ep in fresh if self._free_slots(ep) > 0] or fresh
+        credit = (
+            self._prefix.match(request.prefix_hashes)
+            if self._prefix is not None and request.prefix_hashes
+            else None
+        )
+        return fresh, credit
+
     # ------------------------------------------------------------------ Policy
     def decide(self, request: Request, view: PoolView) -> Decision:
         eps = view.endpoints
@@ -310,14 +324,7 @@ class ImpactPolicy(Policy):
                 self._plan_round(view)
             if request.id not in self._release:
                 return Hold("saturated: released by predicted cost")
-        fresh = [ep for ep in eps if not ep.stale] or list(eps)
-        if self.p.hold:  # late binding: only endpoints with a free batch slot compete
-            fresh = [ep for ep in fresh if self._free_slots(ep) > 0] or fresh
-        credit = (
-            self._prefix.match(request.prefix_hashes)
-            if self._prefix is not None and request.prefix_hashes
-            else None
-        )
+        fresh, credit = self._candidates(request, eps)
         best: list[tuple[float, float, int]] = []
         for ep in fresh:
             best.append((self._score(request, ep, credit), self.rng.random(), ep.index))
