@@ -41,7 +41,7 @@ from llmpool.rl.model import QModel, RLModelError, load_model
 from llmpool.routing.impact import ImpactParams, ImpactPolicy
 from llmpool.routing.policy import ConfigError, PolicyContext, PolicyParams, PolicyRegistry
 from llmpool.routing.policy import Policy as _Policy
-from llmpool.routing.types import Decision, EndpointState, Hold, PoolView, Request, Route
+from llmpool.routing.types import Decision, Hold, PoolView, Request, Route
 
 log = logging.getLogger("llmpool.rl")
 
@@ -270,7 +270,7 @@ class RLPolicy(_Policy):
 
     def on_assigned(self, request: Request, endpoint: int, now: float) -> None:
         self.h.on_assigned(request, endpoint, now)
-        eps: list[EndpointState] | tuple[EndpointState, ...] = list(self.h._last_eps)
+        eps = self.h._last_eps
         name = eps[endpoint].name if endpoint < len(eps) else str(endpoint)
         b = bucket_of(request.prediction.expected_tokens if request.prediction else 1.0)
         self._buckets.setdefault(name, [0, 0, 0])[b] += 1
