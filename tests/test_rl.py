@@ -267,6 +267,22 @@ def test_rl_policy_decides_with_the_network() -> None:
     assert isinstance(hold.decide(old, PoolView(now=1.0, endpoints=eps, queue=[old])), Route)
 
 
+def test_a_model_failing_at_inference_falls_back_without_failing_the_request() -> None:
+    class Broken:
+        def scores(self, rows: np.ndarray) -> np.ndarray:
+            raise RuntimeError("onnxruntime: bad input")
+
+    eps = [EndpointState(index=i, name=f"e{i}", kv_capacity_tokens=400_000) for i in range(2)]
+    pol = RLPolicy(RLParams(), PolicyContext(rng=random.Random(0), profile=A100), scorer=Broken())
+    req = Request(id=1, arrival=0.0, prompt_tokens=100)
+    d = pol.decide(req, PoolView(now=0.0, endpoints=eps, queue=[req]))
+    assert isinstance(d, Route) and sorted(d.endpoints) == [0, 1]
+    assert "failed at inference: RuntimeError" in pol.fallback_status()["rl-model"]
+    req2 = Request(id=2, arrival=0.0, prompt_tokens=100)
+    assert isinstance(pol.decide(req2, PoolView(now=0.1, endpoints=eps, queue=[req2])), Route)
+    assert pol.fallback_decisions == 1
+
+
 def test_rl_params_are_validated() -> None:
     ctx = PolicyContext(rng=random.Random(0), profile=A100)
     from llmpool.routing import ConfigError

@@ -248,23 +248,29 @@ class RLPolicy(_Policy):
             with_slot=with_slot,
         )
         rows = self.encoder.encode(sit, cands)
-        q = self.scorer.scores(rows)
         k = len(cands)
         heur = order[0]
+        try:
+            q = self.scorer.scores(rows)
+        except Exception as err:  # onnxruntime's own types: never fail the request for it
+            self._broken = f"RL model failed at inference: {type(err).__name__}: {str(err)[:160]}"
+            log.warning("rl policy: %s; routing with the impact heuristic from now on", self._broken)
+            self.scorer = None
+            return Route(tuple(cands[i].endpoint for i in order))
         if not self.allow_hold:
             q = q[:k]  # the hold row is never chosen
         if self.learner is not None:
             act = self.learner.choose(q, k, heur)
-            self.learner.record(view.now, rows, act, heur, cands)
         else:
             act = int(np.argmax(q[: k + 1]))
             if not math.isfinite(float(q[act])):
                 act = heur
+        if act >= k and total_inflight == 0:  # nothing will finish: holding an idle pool waits for nothing
+            act = heur
+        if self.learner is not None:
+            self.learner.record(view.now, rows, act, heur, cands)
         if act >= k:
-            if total_inflight == 0:  # nothing will finish: holding on an idle pool waits for nothing
-                act = heur
-            else:
-                return HOLD_RL
+            return HOLD_RL
         rest = tuple(cands[i].endpoint for i in order if i != act)
         return Route((cands[act].endpoint, *rest))
 
