@@ -125,13 +125,17 @@ def wait_ready_all(procs: Sequence[ManagedProcess], timeout_s: float | None = No
 
 
 def stop_all(procs: Sequence[ManagedProcess], grace_s: float | None = None) -> None:
-    """SIGTERM all of them first, then ``stop()`` each: they shut down in parallel."""
+    """SIGTERM all of them first, then ``stop()`` each: they shut down in parallel, within one
+    shared grace period (``grace_s``, default the largest of their own), then SIGKILL."""
     for p in procs:
         with contextlib.suppress(Exception):
             p.terminate()
+    if grace_s is None:
+        grace_s = max((p.stop_grace_s for p in procs), default=STOP_GRACE_S)
+    deadline = time.monotonic() + grace_s
     for p in procs:
         with contextlib.suppress(Exception):
-            p.stop() if grace_s is None else p.stop(grace_s)
+            p.stop(max(0.1, deadline - time.monotonic()))
 
 
 class ManagedProcess:
@@ -146,6 +150,8 @@ class ManagedProcess:
     whole_group = False
     #: Seconds between ``ready()`` polls while waiting.
     poll_interval_s = 0.05
+    #: Default grace between SIGTERM and SIGKILL in :meth:`stop`.
+    stop_grace_s: float = STOP_GRACE_S
 
     def __init__(
         self,
@@ -228,8 +234,10 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM by pid, SIGKILL after ``grace_s``; always reaps."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM by pid, SIGKILL after ``grace_s`` (default :attr:`stop_grace_s`); always reaps."""
+        if grace_s is None:
+            grace_s = self.stop_grace_s
         proc, self.proc = self.proc, None
         if proc is not None and self.whole_group:
             stop_group(proc.pid, grace_s, proc)

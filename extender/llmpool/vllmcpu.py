@@ -299,6 +299,7 @@ class VllmCpuServer(LocalServer):
     the scratch ``VLLM_CACHE_ROOT``."""
 
     whole_group = True
+    stop_grace_s = STOP_GRACE_S  # engine core and worker shut down slower than the API server
     poll_interval_s = 0.5
 
     def __init__(
@@ -364,7 +365,7 @@ class VllmCpuServer(LocalServer):
         super().kill()
         self._cleanup()
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
         super().stop(grace_s)
         self._cleanup()
 
