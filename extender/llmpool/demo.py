@@ -757,7 +757,10 @@ def _run_policy(stack: Stack, spec: str, seed: int, workload: Workload, opts: De
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread, so ``finally`` blocks stop the children."""
+    """SIGTERM and SIGINT raise KeyboardInterrupt in the main thread, so ``finally`` blocks stop
+    the children. SIGINT is set explicitly: a shell starts background jobs with SIGINT ignored,
+    and Python then installs no handler of its own, so an interrupt sent to the demo by pid
+    would be lost."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -767,10 +770,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 # ----------------------------------------------------------------------------- the report
