@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import yaml
 
 from llmpool.demo import DemoError, DemoOptions, PolicyRun, format_table, plot, validate
 from llmpool.lab.metrics import RequestLog, summarize
+from llmpool.procs import pid_alive, port_free
 from llmpool.routing.profile import Profile, ProfileError, load_profile
 
 pytestmark = pytest.mark.slow
@@ -40,35 +40,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _assert_nothing_left(stderr: str) -> None:
     pids = {int(m.group(2)) for m in PID_LINE.finditer(stderr)}
     assert pids, stderr[-2000:]
     deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in pids if _alive(p)], f"left running: {pids}"
+    assert not [p for p in pids if pid_alive(p)], f"left running: {pids}"
     started = "\n".join(line for line in stderr.splitlines() if PID_LINE.match(line))
     ports = {int(p) for p in PORT.findall(started)}
-    assert ports and all(_port_free(p) for p in ports), [p for p in ports if not _port_free(p)]
+    assert ports and all(port_free(p) for p in ports), [p for p in ports if not port_free(p)]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -41,6 +40,8 @@ from llmpool.procs import (
     LocalServer,
     StartError,
     group_members,
+    pid_alive,
+    port_free,
     stop_all,
     stop_group,
     wait_ready_all,
@@ -231,16 +232,6 @@ def core_binds(n: int, cores_per_server: int | None = None) -> list[str]:
     cpus = _cpus()
     k = cores_per_server or max(1, len(cpus) // n)
     return [_fmt_cpus(sorted({cpus[(i * k + j) % len(cpus)] for j in range(k)})) for i in range(n)]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def _wait_port_free(port: int, timeout_s: float = 5.0) -> None:
@@ -489,15 +480,6 @@ def read_state(path: Path) -> list[Server]:
         return []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
 def _is_ours(pid: int) -> bool:
     """Guards against pid reuse: the group leader must still be our wrapper's ``serve``."""
     try:
@@ -513,7 +495,7 @@ def stop_state(path: Path, grace_s: float = STOP_GRACE_S) -> list[Server]:
     recorded = read_state(path)
     # A group whose leader is gone still has its pgid reserved by the kernel while members live, so
     # they are ours; a live leader that is not our command means the pid was reused: leave it alone.
-    groups = [s.pid for s in recorded if _is_ours(s.pid) or (not _alive(s.pid) and group_members(s.pid))]
+    groups = [s.pid for s in recorded if _is_ours(s.pid) or (not pid_alive(s.pid) and group_members(s.pid))]
     for pgid in groups:
         stop_group(pgid, grace_s)
     for s in recorded:

