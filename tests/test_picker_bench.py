@@ -115,6 +115,11 @@ def test_unknown_policy_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> 
     assert "no-such-policy" in capsys.readouterr().err
 
 
+def test_unknown_transport_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--part", "envoy", "--transports", "grpclib,h3", "--no-progress"]) == 2
+    assert "--transports: unknown h3; choose from grpclib, grpcio" in capsys.readouterr().err
+
+
 def test_cli_hook() -> None:
     parser = argparse.ArgumentParser(prog="llmpool")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,7 +206,7 @@ def _smoke(tmp_path: Path, client: str) -> None:
     assert [r["path"] for r in env["latency"]] == [
         "direct",
         "envoy, no picker",
-        "envoy + picker (least-requests)",
+        "envoy + picker (least-requests, grpclib)",
     ]
     for r in env["latency"]:
         assert r["n"] == 30 and 0 < r["p50_ms"] <= r["p99_ms"]
@@ -214,7 +219,7 @@ def _smoke(tmp_path: Path, client: str) -> None:
     assert all(rss[k] > 10 for k in ("start", "warm", "latency", "load", "soak"))
     steps = [s["requests"] for s in env["soak"]]  # wrk may count a response or two past its limit
     assert len(steps) == 2 and 150 <= steps[0] < 170 and steps[1] >= 300
-    assert env["picker"]["least-requests"]["decisions"] > 0
+    assert env["picker"]["least-requests, grpclib"]["decisions"] > 0
     assert not Path(f"/proc/{rss['pid']}").exists() or _zombie(rss["pid"])  # the picker was stopped
 
 

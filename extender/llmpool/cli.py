@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, how long open streams may take to finish (default 30)",
     )
+    x.add_argument(
+        "--transport",
+        choices=("grpclib", "grpcio"),
+        default="grpclib",
+        help="gRPC implementation serving ext_proc and health: grpclib (default; on the event loop, "
+        "the faster) or grpcio (grpc.aio, gRPC's C core)",
+    )
     x.add_argument("--log-format", choices=("json", "text"), default="json", help="log format (default json)")
     x.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     x.set_defaults(func=_cmd_extender)
@@ -469,10 +476,18 @@ def _cmd_extender(args: argparse.Namespace) -> int:
         plaintext=args.plaintext,
         cert_path=args.cert_path,
         drain_s=args.drain_seconds,
+        transport=args.transport,
     )
     server = PickerServer(cfg, source, opts, config_path=args.config)
     try:
-        asyncio.run(server.run())
+        import os
+
+        if os.environ.get("LLMPOOL_UVLOOP"):
+            import uvloop
+
+            uvloop.run(server.run())
+        else:
+            asyncio.run(server.run())
     except OSError as err:
         raise _UsageError(f"cannot serve: {err.strerror or err}") from None
     return 0

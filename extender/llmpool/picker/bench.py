@@ -843,7 +843,9 @@ def _start_backend(workdir: Path, envoy: str, concurrency: int) -> tuple[_Child,
     raise BenchError(f"the backend Envoy did not get ready:\n{child.tail()}")
 
 
-def _start_picker(workdir: Path, policy: str, backend_port: int) -> tuple[_Child, dict[str, int]]:
+def _start_picker(
+    workdir: Path, policy: str, backend_port: int, transport: str = "grpclib"
+) -> tuple[_Child, dict[str, int]]:
     import grpc
     import yaml
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -880,6 +882,8 @@ def _start_picker(workdir: Path, policy: str, backend_port: int) -> tuple[_Child
         "warning",
         "--drain-seconds",
         "1",
+        "--transport",
+        transport,
     ]
     child = _Child(f"picker-{policy}", cmd, workdir / f"picker-{policy}.log", env=env)
     deadline = time.monotonic() + 30
@@ -1377,16 +1381,17 @@ class _EnvoyRun:
             pids = {"gateway": gw.pid, "backend": self.backend.pid}
             self._load("envoy, no picker", spec.listen_port, pids, "envoy: load")
 
-    def with_picker(self, policy: str) -> None:
+    def with_picker(self, policy: str, transport: str = "grpclib") -> None:
         from llmpool import gateway
 
         assert self.backend is not None
         o = self.opts
-        name = f"envoy + picker ({policy})"
-        picker, ports = _start_picker(self.workdir, policy, self.backend_port)
+        label = f"{policy}, {transport}"
+        name = f"envoy + picker ({label})"
+        picker, ports = _start_picker(self.workdir, policy, self.backend_port, transport)
         try:
             pid = picker.pid
-            samples: dict[str, Any] = {"policy": policy, "pid": pid, "start": _rss_mib(pid)}
+            samples: dict[str, Any] = {"policy": label, "pid": pid, "start": _rss_mib(pid)}
             spec = gateway.EnvoySpec(
                 listen_port=gateway.free_port(), admin_port=gateway.free_port(), epp_port=ports["grpc"],
                 epp_health_port=ports["health"], body_mode="FULL_DUPLEX_STREAMED",
@@ -1399,19 +1404,19 @@ class _EnvoyRun:
                 sequential_latency(spec.listen_port, self.bodies, 0, o.latency_warmup, progress=False,
                                    desc="warm-up")  # fmt: skip
                 samples["warm"] = _rss_mib(pid)
-                self._latency(name, spec.listen_port, f"{policy}: latency")
+                self._latency(name, spec.listen_port, f"{label}: latency")
                 samples["latency"] = _rss_mib(pid)
-                sent = self._load(name, spec.listen_port, pids, f"{policy}: load").requests
+                sent = self._load(name, spec.listen_port, pids, f"{label}: load").requests
                 samples["load"] = _rss_mib(pid)
                 if o.soak > 0:
-                    sent += self._soak(policy, spec.listen_port, pids)
+                    sent += self._soak(label, spec.listen_port, pids)
                     samples["soak"] = _rss_mib(pid)
                 samples["requests"] = sent
                 pm = _picker_metrics(ports["metrics"])
                 pm["envoy_ext_proc"] = {k: v for k, v in gw.ext_proc_stats().items() if v}
-                self.picker[policy] = pm
+                self.picker[label] = pm
             if not picker.alive():
-                raise BenchError(f"the picker ({policy}) died:\n{picker.tail()}")
+                raise BenchError(f"the picker ({label}) died:\n{picker.tail()}")
             self.rss.append(samples)
         finally:
             picker.stop()
@@ -1449,6 +1454,7 @@ def run_envoy(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str, A
     if not Path(envoy).is_file():
         raise BenchError(f"the Envoy binary {envoy} does not exist")
     policies = _policy_list(opts.envoy_policies, "--envoy-policies")
+    transports = _transport_list(opts.transports)
     wrk = shutil.which("wrk") if opts.client in ("auto", "wrk") else None
     if opts.client == "wrk" and wrk is None:
         raise BenchError("--client wrk: wrk is not installed")
@@ -1474,7 +1480,8 @@ def run_envoy(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str, A
             run.direct()
             run.no_picker()
             for pol in policies:
-                run.with_picker(pol)
+                for transport in transports:
+                    run.with_picker(pol, transport)
     except gateway.GatewayError as err:
         raise BenchError(f"gateway: {err}") from None
     finally:
@@ -1668,6 +1675,18 @@ def _policy_list(text: str, flag: str) -> list[str]:
     return vals
 
 
+def _transport_list(text: str) -> list[str]:
+    from llmpool.picker.transport import TRANSPORTS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in TRANSPORTS]
+    if bad or not names:
+        raise BenchError(
+            f"--transports: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(TRANSPORTS)}"
+        )
+    return names
+
+
 def _positive(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -1705,6 +1724,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--envoy-policies",
         default=DEFAULT_ENVOY_POLICIES,
         help=f"picker policies behind Envoy (default {DEFAULT_ENVOY_POLICIES})",
+    )
+    e.add_argument(
+        "--transports",
+        default="grpclib",
+        help="picker gRPC transports to run each policy on: grpclib, grpcio or both, comma-separated "
+        "(default grpclib)",
     )
     e.add_argument(
         "--requests", type=_positive, default=2000, help="sequential POSTs per path (default 2000)"

@@ -58,41 +58,47 @@ class ParsedRequest:
     body: dict[str, Any]
     exact_tokens: bool = False  # token ids or a real tokenizer, not an estimate
     text: str = ""  # the prompt as text (chat: roles and contents, one per line); for length predictors
+    prompt_hash: int = 0  # of the whole prompt (its text, or its token ids): ExactMatch's identity
 
 
 TokenCounter = Callable[[str], list[int] | None]
 """Returns token ids for a text, or None when no tokenizer is configured."""
 
 
-def _digest(prev: bytes, block: bytes) -> bytes:
-    return hashlib.blake2b(block, digest_size=8, key=prev).digest()
+def _signed(digest: bytes) -> int:
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def prefix_chain(data: bytes, block: int) -> tuple[tuple[int, ...], int]:
+    """Hashes of ``data``'s prefixes that end on a ``block`` boundary (at most
+    ``_MAX_PREFIX_BLOCKS``), and the hash of the whole of ``data``: one pass, one BLAKE2b state
+    (a prefix's hash is the running state's digest at that point)."""
+    h = hashlib.blake2b(digest_size=8)
+    view = memoryview(data)
+    n = min(len(data) // block, _MAX_PREFIX_BLOCKS)
+    out = []
+    for b in range(n):
+        h.update(view[b * block : (b + 1) * block])
+        out.append(_signed(h.copy().digest()))
+    h.update(view[n * block :])
+    return tuple(out), _signed(h.digest())
 
 
 def text_prefix_hashes(data: bytes) -> tuple[int, ...]:
-    """Chained hashes of the full :data:`PREFIX_BLOCK_BYTES` blocks of a prompt's bytes."""
-    out: list[int] = []
-    prev = b""
-    n = min(len(data) // PREFIX_BLOCK_BYTES, _MAX_PREFIX_BLOCKS)
-    for b in range(n):
-        prev = _digest(prev, data[b * PREFIX_BLOCK_BYTES : (b + 1) * PREFIX_BLOCK_BYTES])
-        out.append(int.from_bytes(prev, "little", signed=True))
-    return tuple(out)
+    """Hashes of a prompt's prefixes of whole :data:`PREFIX_BLOCK_BYTES` blocks of its bytes."""
+    return prefix_chain(data, PREFIX_BLOCK_BYTES)[0]
+
+
+def _id_bytes(ids: list[int]) -> bytes:
+    try:
+        return array("q", ids).tobytes()
+    except OverflowError:
+        raise BadRequestError("'prompt' token ids must be integers of at most 64 bits") from None
 
 
 def id_prefix_hashes(ids: list[int]) -> tuple[int, ...]:
-    """Chained hashes of the full :data:`PREFIX_BLOCK_TOKENS` blocks of a token-id prompt."""
-    out: list[int] = []
-    prev = b""
-    block = PREFIX_BLOCK_TOKENS
-    n = min(len(ids) // block, _MAX_PREFIX_BLOCKS)
-    for b in range(n):
-        try:
-            raw = array("q", ids[b * block : (b + 1) * block]).tobytes()
-        except OverflowError:
-            raw = repr(ids[b * block : (b + 1) * block]).encode()
-        prev = _digest(prev, raw)
-        out.append(int.from_bytes(prev, "little", signed=True))
-    return tuple(out)
+    """Hashes of a token-id prompt's prefixes of whole :data:`PREFIX_BLOCK_TOKENS` blocks."""
+    return prefix_chain(_id_bytes(ids), PREFIX_BLOCK_TOKENS * 8)[0]
 
 
 def estimate_tokens(nbytes: int) -> int:
@@ -135,10 +141,12 @@ def parse_request(raw: bytes, *, chat: bool, tokenize: TokenCounter | None = Non
         ids = tokenize(text)
         extra = 0
     if ids is not None:
-        n_tokens, hashes, exact = len(ids) + extra, id_prefix_hashes(ids), True
+        n_tokens, exact = len(ids) + extra, True
+        hashes, whole = prefix_chain(_id_bytes(ids), PREFIX_BLOCK_TOKENS * 8)
     else:
         data = text.encode("utf-8", "surrogatepass")
-        n_tokens, hashes, exact = estimate_tokens(len(data)) + extra, text_prefix_hashes(data), False
+        n_tokens, exact = estimate_tokens(len(data)) + extra, False
+        hashes, whole = prefix_chain(data, PREFIX_BLOCK_BYTES)
     max_tokens = _int_field(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int_field(body, "max_tokens")
@@ -156,6 +164,7 @@ def parse_request(raw: bytes, *, chat: bool, tokenize: TokenCounter | None = Non
         body=body,
         exact_tokens=exact,
         text=text,
+        prompt_hash=whole,
     )
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import itertools
 import logging
 import random
@@ -217,7 +216,7 @@ class Director:
             model=target_model,
             max_tokens=parsed.max_tokens,
             prompt_text=parsed.text or None,
-            prompt_hash=_prompt_hash(parsed),
+            prompt_hash=parsed.prompt_hash,
             prefix_hashes=parsed.prefix_hashes,
             hash_block_tokens=64,
             priority=priority,
@@ -233,7 +232,11 @@ class Director:
         eligible = None if subset is None else _eligible_from(cands, self.ds)
         t_route = self.clock()
         try:
-            fl = await asyncio.wait_for(self.dispatcher.route(req, eligible), self.cfg.max_queue_wait_s)
+            placed = self.dispatcher.submit(req, eligible)
+            if isinstance(placed, Flight):
+                fl = placed  # routed in this round: no task, no timer
+            else:
+                fl = await asyncio.wait_for(self.dispatcher.wait(req, placed), self.cfg.max_queue_wait_s)
         except TimeoutError:
             return Rejected(429, "request waited too long in the router queue", "rejected-ttl-expired")
         except NoEndpointError as err:
@@ -404,12 +407,6 @@ def _eligible_from(cands: Sequence[int], ds: Datastore) -> Callable[[EndpointSta
         return st.name in names
 
     return eligible
-
-
-def _prompt_hash(parsed: ParsedRequest) -> int:
-    key = parsed.body.get("messages") if parsed.chat else parsed.body.get("prompt")
-    h = hashlib.blake2b(repr(key).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 def _load_tokenizer(path: str | None) -> Any:

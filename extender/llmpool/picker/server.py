@@ -24,11 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import grpc
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmpool.picker.config import ConfigWatcher, PickerConfig
@@ -36,6 +32,7 @@ from llmpool.picker.director import Director
 from llmpool.picker.discovery import PodSource, StaticSource
 from llmpool.picker.metrics import PickerMetrics
 from llmpool.picker.servicer import ExtProcServicer
+from llmpool.picker.transport import DEFAULT_TRANSPORT, Transport, make_transport
 from llmpool.routing.policy import ConfigError
 from llmpool.serving.collector import MetricsCollector
 from llmpool.serving.datastore import Datastore, Endpoint
@@ -56,6 +53,7 @@ class ServerOptions:
     cert_path: str | None = None  # a directory with tls.crt and tls.key
     drain_s: float = 30.0
     config_poll_s: float = 1.0
+    transport: str = DEFAULT_TRANSPORT  # see llmpool.picker.transport
 
 
 def self_signed_credentials() -> tuple[bytes, bytes]:
@@ -85,7 +83,8 @@ def self_signed_credentials() -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def _credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
+def _credentials(opts: ServerOptions) -> tuple[bytes, bytes] | None:
+    """(certificate PEM, key PEM) for the ext_proc port, or None for plaintext."""
     if opts.plaintext:
         return None
     if opts.cert_path:
@@ -96,7 +95,7 @@ def _credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
             raise ConfigError(f"--cert-path {d}: {err.strerror}: {err.filename}") from None
     else:
         cert, key = self_signed_credentials()
-    return grpc.ssl_server_credentials([(key, cert)])
+    return cert, key
 
 
 class PickerServer:
@@ -119,7 +118,7 @@ class PickerServer:
         self.director = Director(cfg, self.ds, self.metrics)
         self.metrics.attach(self.ds, lambda: self.director.dispatcher.queued)
         self.servicer = ExtProcServicer(self.director)
-        self.health = health_aio.HealthServicer()
+        self.transport: Transport | None = None
         self._stop = asyncio.Event()
         self._synced = asyncio.Event()
         self.collector: MetricsCollector | None = None
@@ -153,11 +152,9 @@ class PickerServer:
         log.error("config not applied, keeping the previous one: %s", message)
 
     async def _set_ready(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        assert self.transport is not None
         for name in READY_SERVICES:
-            await self.health.set(name, status)
+            await self.transport.set_health(name, serving)
 
     # ------------------------------------------------------------------ run
     def request_stop(self) -> None:
@@ -165,21 +162,18 @@ class PickerServer:
 
     async def run(self) -> None:
         opts = self.opts
-        creds = _credentials(opts)
-        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        tls = _credentials(opts)
+        transport = self.transport = make_transport(
+            opts.transport,
+            self.servicer,
+            host=opts.host,
+            port=opts.grpc_port,
+            health_port=opts.health_port,
+            tls=tls,
+        )
+        await transport.set_health("liveness", True)
         await self._set_ready(False)
-
-        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, grpc_server)
         addr = f"{opts.host}:{opts.grpc_port}"
-        if creds is None:
-            grpc_server.add_insecure_port(addr)
-        else:
-            grpc_server.add_secure_port(addr, creds)
-        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
-        health_server.add_insecure_port(f"{opts.host}:{opts.health_port}")
 
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
@@ -201,13 +195,13 @@ class PickerServer:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
-            await grpc_server.start()
-            await health_server.start()
+            await transport.start()
             await site.start()
             log.info(
-                "endpoint picker listening: ext_proc %s (%s), health :%d, metrics :%d; policy %s",
+                "endpoint picker listening: ext_proc %s (%s, %s), health :%d, metrics :%d; policy %s",
                 addr,
-                "plaintext" if creds is None else "TLS",
+                "plaintext" if tls is None else "TLS",
+                transport.name,
                 opts.health_port,
                 opts.metrics_port,
                 self.cfg.policy.name,
@@ -234,8 +228,7 @@ class PickerServer:
         finally:
             log.info("shutting down: draining open streams (up to %.0f s)", opts.drain_s)
             await self._set_ready(False)
-            await grpc_server.stop(opts.drain_s)
-            await health_server.stop(0)
+            await transport.stop(opts.drain_s)
             self.director.close()
             for t in tasks:
                 t.cancel()

@@ -42,8 +42,8 @@ class _Stream:
     __slots__ = (
         "body",
         "body_mode",
+        "ended",
         "headers",
-        "response_done",
         "response_mode",
         "routed",
         "sent_request",
@@ -62,10 +62,18 @@ class _Stream:
         self.sent_request = False  # the request side has been answered
         self.status = 0
         self.tap: ResponseTap | None = None
-        self.response_done = False  # the response ended (its end of stream was answered)
+        self.ended = False  # an immediate response was sent, or the response's end of stream answered
+
+
+class StreamFailed(Exception):
+    """An unexpected failure inside one stream: the transport ends that stream with INTERNAL."""
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """The ext_proc state machine. :meth:`process` is transport-neutral (a stream of
+    ``ProcessingRequest`` in, ``ProcessingResponse`` out); :meth:`Process` is its grpc.aio
+    binding, and :mod:`llmpool.picker.transport` binds it to grpclib."""
+
     def __init__(self, director: Director) -> None:
         self.director = director
         self.open_streams = 0
@@ -73,62 +81,64 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(  # the gRPC method's name
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        try:
+            async for out in self.process(request_iterator):
+                yield out
+        except StreamFailed as err:
+            await context.abort(grpc.StatusCode.INTERNAL, str(err))
+
+    async def process(
+        self, messages: AsyncIterator[pb.ProcessingRequest]
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        """Answer one ext_proc stream. Ends (returns) once the exchange is over; raises
+        :class:`StreamFailed` on an unexpected failure; the request is always released."""
         st = _Stream()
         self.open_streams += 1
         try:
-            async for msg in request_iterator:
-                done = False
-                async for out in self._handle(st, msg):
+            async for msg in messages:
+                for out in await self._handle(st, msg):
                     yield out
-                    if out.HasField("immediate_response"):
-                        done = True
-                if done:
-                    return
-                if st.response_done:
-                    # The exchange is over: end the call ourselves rather than wait for Envoy to
-                    # cancel it (cancelled grpc.aio calls leave native memory behind).
+                if st.ended:
+                    # An immediate response, or the response's end of stream answered: the
+                    # exchange is over. End the call ourselves rather than wait for Envoy to cancel
+                    # it (cancelled grpc.aio calls leave native memory behind).
                     return
         except Exception as err:  # never crash the server: end this stream with INTERNAL
             self.director.metrics.stream_errors.inc()
             log.exception("ext_proc stream failed: %s", err)
-            await context.abort(grpc.StatusCode.INTERNAL, f"picker error: {type(err).__name__}")
+            raise StreamFailed(f"picker error: {type(err).__name__}") from err
         finally:
             self.open_streams -= 1
             self._finish(st, complete=False)  # a client gone or a stream cut: release the request
 
-    async def _handle(self, st: _Stream, msg: pb.ProcessingRequest) -> AsyncIterator[pb.ProcessingResponse]:
+    async def _handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """The answers to one message (a coroutine, not a generator: one per message is cheap)."""
         if msg.HasField("protocol_config"):
             pc = msg.protocol_config
             st.body_mode = pc.request_body_mode or protocol.FULL_DUPLEX
             st.response_mode = pc.response_body_mode or protocol.FULL_DUPLEX
         kind = msg.WhichOneof("request")
+        if kind == "request_body":
+            return await self._request_body(st, msg)
+        if kind == "response_body":
+            return self._response_body(st, msg.response_body)
+        if kind == "response_headers":
+            return [self._response_headers(st, msg)]
         if kind == "request_headers":
-            async for out in self._request_headers(st, msg):
-                yield out
-        elif kind == "request_body":
-            async for out in self._request_body(st, msg):
-                yield out
-        elif kind == "request_trailers":
-            if not st.sent_request:  # trailers end the body: route now
-                async for out in self._route(st):
-                    yield out
-            yield protocol.trailers_response(request=True)
-        elif kind == "response_headers":
-            yield self._response_headers(st, msg)
-        elif kind == "response_body":
-            for out in self._response_body(st, msg.response_body):
-                yield out
-        elif kind == "response_trailers":
+            return self._request_headers(st, msg)
+        if kind == "request_trailers":
+            out = [] if st.sent_request else await self._route(st)  # trailers end the body: route now
+            out.append(protocol.trailers_response(request=True))
+            return out
+        if kind == "response_trailers":
             self._finish(st, complete=True)
-            yield protocol.trailers_response(request=False)
+            return [protocol.trailers_response(request=False)]
+        return []
 
     # ------------------------------------------------------------------ request path
-    async def _request_headers(
-        self, st: _Stream, msg: pb.ProcessingRequest
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    def _request_headers(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if st.sent_request:  # out of order: the request was answered already
-            yield protocol.plain_headers_response(request=True)
-            return
+            return [protocol.plain_headers_response(request=True)]
         st.headers = protocol.headers_of(msg.request_headers)
         if msg.HasField("metadata_context"):
             st.subset = protocol.subset_hint(msg.metadata_context)
@@ -136,31 +146,28 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             res = self.director.route_headers_only(st.headers, st.subset)
             st.sent_request = True
             if isinstance(res, Rejected):
-                yield self._reject(res)
-                return
+                return [self._reject(st, res)]
             st.routed = res
-            yield protocol.routed_headers_response(
-                res.destination, res.set_headers, protocol.STRIPPED_HEADERS
-            )
-        elif st.body_mode != protocol.FULL_DUPLEX:
+            return [
+                protocol.routed_headers_response(res.destination, res.set_headers, protocol.STRIPPED_HEADERS)
+            ]
+        if st.body_mode != protocol.FULL_DUPLEX:
             # buffered: route in the body answer; headers pass now (client routing headers dropped)
-            yield protocol.plain_headers_response(request=True, remove=protocol.STRIPPED_HEADERS)
+            return [protocol.plain_headers_response(request=True, remove=protocol.STRIPPED_HEADERS)]
+        return []
 
-    async def _request_body(
-        self, st: _Stream, msg: pb.ProcessingRequest
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    async def _request_body(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         body = msg.request_body
         if msg.HasField("metadata_context"):
             hint = protocol.subset_hint(msg.metadata_context)
             if hint is not None:
                 st.subset = hint
         if st.sent_request:  # a body after the request was answered: pass it on unchanged
-            yield self._passthrough_body(st, body.body, body.end_of_stream, request=True)
-            return
+            return [self._passthrough_body(st, body.body, body.end_of_stream, request=True)]
         st.body.append(body.body)
         if body.end_of_stream or st.body_mode == protocol.BUFFERED:
-            async for out in self._route(st):
-                yield out
+            return await self._route(st)
+        return []
 
     def _passthrough_body(
         self, st: _Stream, chunk: bytes, end: bool, *, request: bool
@@ -170,29 +177,28 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return protocol.streamed_body(chunk, end=end, request=request)
         return protocol.buffered_body_response(request=request)
 
-    async def _route(self, st: _Stream) -> AsyncIterator[pb.ProcessingResponse]:
-        raw = b"".join(st.body)
+    async def _route(self, st: _Stream) -> list[pb.ProcessingResponse]:
+        raw = st.body[0] if len(st.body) == 1 else b"".join(st.body)
         st.body = []
         st.sent_request = True
         res = await self.director.route(st.headers, raw, st.subset)
         if isinstance(res, Rejected):
-            yield self._reject(res)
-            return
+            return [self._reject(st, res)]
         st.routed = res
         body = res.body
         if st.body_mode == protocol.FULL_DUPLEX:
             hdrs = res.set_headers
             if body is None:
                 hdrs = {**hdrs, "content-length": str(len(raw))}
-            yield protocol.routed_headers_response(res.destination, hdrs, protocol.STRIPPED_HEADERS)
-            for out in protocol.body_chunks(raw if body is None else body, request=True):
-                yield out
-        else:
-            yield protocol.routed_body_response(
-                res.destination, res.set_headers, body, protocol.STRIPPED_HEADERS
-            )
+            out = [protocol.routed_headers_response(res.destination, hdrs, protocol.STRIPPED_HEADERS)]
+            out.extend(protocol.body_chunks(raw if body is None else body, request=True))
+            return out
+        return [
+            protocol.routed_body_response(res.destination, res.set_headers, body, protocol.STRIPPED_HEADERS)
+        ]
 
-    def _reject(self, res: Rejected) -> pb.ProcessingResponse:
+    def _reject(self, st: _Stream, res: Rejected) -> pb.ProcessingResponse:
+        st.ended = True  # an immediate response ends the exchange
         m = self.director.metrics
         m.rejections.labels(res.reason or str(res.status)).inc()
         m.responses.labels(str(res.status)).inc()
@@ -249,6 +255,6 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def _finish(self, st: _Stream, *, complete: bool) -> None:
         if complete:
-            st.response_done = True
+            st.ended = True
         if st.routed is not None and not st.routed.finished:
             self.director.finish(st.routed, st.status, st.tap, complete=complete)

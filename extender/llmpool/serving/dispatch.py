@@ -100,6 +100,15 @@ class Dispatcher:
         Raises :class:`NoEndpointError` when no endpoint is eligible, :class:`DispatchError`
         when the policy fails. If the caller is cancelled while the request is held (a
         timeout, a client that went away), the request leaves the queue."""
+        placed = self.submit(request, eligible)
+        if isinstance(placed, Flight):
+            return placed
+        return await self.wait(request, placed)
+
+    def submit(self, request: Request, eligible: Eligible | None = None) -> Flight | asyncio.Future[Flight]:
+        """Queue ``request`` and run a round: its flight when the round placed it (the usual
+        case: no task, no loop iteration), else a future for :meth:`wait`. Raises as
+        :meth:`route` does."""
         cands = self.candidates(eligible)
         if not cands:
             raise NoEndpointError("no ready endpoint" if eligible is None else "no eligible endpoint")
@@ -108,15 +117,20 @@ class Dispatcher:
             self.bypassed += 1
             return self.assign_now(request, self._least_inflight(cands))
         fut: asyncio.Future[Flight] = asyncio.get_running_loop().create_future()
-        key = id(request)
-        self._waiters[key] = _Waiter(fut, eligible)
+        self._waiters[id(request)] = _Waiter(fut, eligible)
         self._queue.append(request)
         self._dispatch()
+        if fut.done():
+            return fut.result()  # placed (or failed: raises) in this round
+        return fut
+
+    async def wait(self, request: Request, fut: asyncio.Future[Flight]) -> Flight:
+        """Wait for a request :meth:`submit` left queued; cancelling the wait dequeues it."""
         try:
             return await fut
         finally:
             if not fut.done() or fut.cancelled():
-                self._waiters.pop(key, None)
+                self._waiters.pop(id(request), None)
                 with contextlib.suppress(ValueError):
                     self._queue.remove(request)
 

@@ -23,6 +23,8 @@ from llmpool.gateway import free_port
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "vllm-0.32"
 SUBSET_HEADER = "x-test-subset"
 pytestmark = pytest.mark.slow
+#: Both gRPC transports of the picker (``--transport``) pass the protocol-level tests.
+TRANSPORTS = pytest.mark.parametrize("transport", ["grpclib", "grpcio"])
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -74,11 +76,12 @@ def _completion_tokens(status: int, raw: bytes, stream: bool) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+@TRANSPORTS
 def test_requests_land_where_the_picker_says_and_usage_adds_up(
-    emulators: Any, picker: Any, envoy: Any
+    emulators: Any, picker: Any, envoy: Any, transport: str
 ) -> None:
     emus = emulators(3)
-    p = picker(emus, config={"policy": "least-requests"})
+    p = picker(emus, config={"policy": "least-requests"}, extra_args=("--transport", transport))
     gw = envoy(picker=p)
     bodies = [_body(4 + i % 7, stream=i % 3 != 0, usage=i % 3 == 1) for i in range(30)]
 
@@ -149,9 +152,16 @@ class _StubServer:
         self._thread.join(5)
 
 
-def test_streaming_passes_byte_exact_and_the_usage_chunk_is_ours_to_strip(picker: Any, envoy: Any) -> None:
+@TRANSPORTS
+def test_streaming_passes_byte_exact_and_the_usage_chunk_is_ours_to_strip(
+    picker: Any, envoy: Any, transport: str
+) -> None:
     with _StubServer() as stub:
-        p = picker([f"127.0.0.1:{stub.port}"], config={"policy": "round-robin"})
+        p = picker(
+            [f"127.0.0.1:{stub.port}"],
+            config={"policy": "round-robin"},
+            extra_args=("--transport", transport),
+        )
         gw = envoy(picker=p)
 
         async def main() -> tuple[bytes, bytes]:
@@ -169,9 +179,10 @@ def test_streaming_passes_byte_exact_and_the_usage_chunk_is_ours_to_strip(picker
         assert metric(p.metrics_text(), "llmpool_completion_tokens_total") == 8  # 4 + 4 from usage
 
 
-def test_status_paths_and_the_subset_hint(emulators: Any, picker: Any, envoy: Any) -> None:
+@TRANSPORTS
+def test_status_paths_and_the_subset_hint(emulators: Any, picker: Any, envoy: Any, transport: str) -> None:
     emus = emulators(2)
-    p = picker(emus, config={"policy": "round-robin"})
+    p = picker(emus, config={"policy": "round-robin"}, extra_args=("--transport", transport))
     gw = envoy(picker=p, subset_header=SUBSET_HEADER)
 
     async def main() -> None:
@@ -324,9 +335,18 @@ def test_config_reload_mid_stream(emulators: Any, picker: Any, envoy: Any) -> No
     assert metric(text, "llmpool_config_reloads_total", result="invalid") == 1
 
 
-def test_tls_to_the_picker_and_graceful_drain(emulators: Any, picker: Any, envoy: Any) -> None:
+@TRANSPORTS
+def test_tls_to_the_picker_and_graceful_drain(
+    emulators: Any, picker: Any, envoy: Any, transport: str
+) -> None:
     emus = emulators(1, time_scale=1)
-    p = picker(emus, config={"policy": "round-robin"}, plaintext=False, drain_seconds=15)
+    p = picker(
+        emus,
+        config={"policy": "round-robin"},
+        plaintext=False,
+        drain_seconds=15,
+        extra_args=("--transport", transport),
+    )
     gw = envoy(picker=p)  # TLS to the picker's self-signed certificate, no verification
     assert p.tls
 

@@ -1,0 +1,176 @@
+"""The picker's two gRPC transports keep one contract: ext_proc streams answered, gRPC health
+(Check and Watch) on both ports, INTERNAL for a failing stream, and a drain that refuses new
+streams while open ones finish. A real gRPC client (grpc.aio) talks to each over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmpool.gateway import free_port
+from llmpool.picker.config import PickerConfig
+from llmpool.picker.director import Director
+from llmpool.picker.metrics import PickerMetrics
+from llmpool.picker.server import self_signed_credentials
+from llmpool.picker.servicer import ExtProcServicer
+from llmpool.picker.transport import TRANSPORTS, make_transport
+from llmpool.routing.policy import PolicyConfig
+from llmpool.serving.datastore import Datastore, Endpoint
+from llmpool.serving.scrape import EngineMetrics, ServerMetrics
+
+BODY = orjson.dumps({"model": "m", "prompt": "hello " * 50, "max_tokens": 4})
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _servicer() -> ExtProcServicer:
+    ds = Datastore([Endpoint.parse("10.0.0.1:8000"), Endpoint.parse("10.0.0.2:8000")])
+    for i in range(2):
+        ds.scraped(i, ServerMetrics(engines={"0": EngineMetrics(0, 0, 0.1, 16, 1000)}), now=0.0)
+    return ExtProcServicer(
+        Director(PickerConfig(policy=PolicyConfig(name="round-robin")), ds, PickerMetrics())
+    )
+
+
+def _headers() -> pb.ProcessingRequest:
+    h = {":method": "POST", ":path": "/v1/completions", "content-type": "application/json"}
+    values = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()]
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values)))
+
+
+def _body(data: bytes, end: bool = True) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=end))
+
+
+class _Running:
+    def __init__(self, name: str, tls: bool = False) -> None:
+        self.servicer = _servicer()
+        self.port, self.health_port = free_port(), free_port()
+        self.creds = self_signed_credentials() if tls else None
+        self.t = make_transport(
+            name,
+            self.servicer,
+            host="127.0.0.1",
+            port=self.port,
+            health_port=self.health_port,
+            tls=self.creds,
+        )
+
+    def channel(self, health_port: bool = False) -> grpc.aio.Channel:
+        if health_port or self.creds is None:
+            return grpc.aio.insecure_channel(f"127.0.0.1:{self.health_port if health_port else self.port}")
+        return grpc.aio.secure_channel(
+            f"127.0.0.1:{self.port}",
+            grpc.ssl_channel_credentials(root_certificates=self.creds[0]),
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+
+
+async def _exchange(ch: grpc.aio.Channel) -> list[pb.ProcessingResponse]:
+    call = pb_grpc.ExternalProcessorStub(ch).Process()
+    await call.write(_headers())
+    await call.write(_body(BODY))
+    out = [await call.read(), await call.read()]
+    await call.done_writing()
+    return out
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_exchange_and_health_on_both_ports(name: str, tls: bool) -> None:
+    async def main() -> None:
+        r = _Running(name, tls=tls)
+        await r.t.start()
+        try:
+            await r.t.set_health("liveness", True)
+            await r.t.set_health("readiness", False)
+            async with r.channel() as ch, r.channel(health_port=True) as hch:
+                for c in (ch, hch):
+                    stub = health_pb2_grpc.HealthStub(c)
+                    live = await stub.Check(health_pb2.HealthCheckRequest(service="liveness"))
+                    assert live.status == SERVING
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.Check(health_pb2.HealthCheckRequest(service="no-such-service"))
+                    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                watch = health_pb2_grpc.HealthStub(hch).Watch(
+                    health_pb2.HealthCheckRequest(service="readiness")
+                )
+                assert (await watch.read()).status == NOT_SERVING
+                await r.t.set_health("readiness", True)
+                assert (await asyncio.wait_for(watch.read(), 5)).status == SERVING
+                watch.cancel()
+                out = await _exchange(ch)
+                assert out[0].HasField("request_headers") and out[1].HasField("request_body")
+                assert out[1].request_body.response.body_mutation.streamed_response.body == BODY
+        finally:
+            await r.t.stop(0.5)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_a_failing_stream_ends_with_internal(name: str, monkeypatch: Any) -> None:
+    async def main() -> None:
+        r = _Running(name)
+
+        async def boom(*_: Any) -> Any:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(r.servicer.director, "route", boom)
+        await r.t.start()
+        try:
+            async with r.channel() as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _exchange(ch)
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                assert "RuntimeError" in (err.value.details() or "")
+            assert r.servicer.open_streams == 0
+        finally:
+            await r.t.stop(0.5)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_drain_refuses_new_streams_and_lets_open_ones_finish(name: str) -> None:
+    async def main() -> None:
+        r = _Running(name)
+        await r.t.start()
+        async with r.channel() as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            open_call = stub.Process()
+            await open_call.write(_headers())
+            await open_call.write(_body(BODY[:10], end=False))  # mid-body: the stream stays open
+            for _ in range(100):
+                if r.servicer.open_streams == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert r.servicer.open_streams == 1
+            stopping = asyncio.create_task(r.t.stop(5.0))
+            await asyncio.sleep(0.3)
+            assert not stopping.done()  # waiting for the open stream
+            late = stub.Process()
+            with contextlib.suppress(grpc.aio.AioRpcError):  # refused at once: nothing to read
+                await late.read()
+            assert await asyncio.wait_for(late.code(), 5) == grpc.StatusCode.UNAVAILABLE
+            await open_call.write(_body(BODY[10:]))  # the open one finishes
+            assert (await open_call.read()).HasField("request_headers")
+            assert (await open_call.read()).HasField("request_body")
+            await open_call.done_writing()
+            await asyncio.wait_for(stopping, 6)
+
+    asyncio.run(main())
+
+
+def test_unknown_transport_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"unknown transport .h3.: choose one of grpclib, grpcio"):
+        make_transport("h3", _servicer(), host="127.0.0.1", port=1, health_port=2, tls=None)
