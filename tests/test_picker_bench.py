@@ -241,3 +241,24 @@ def test_envoy_part_smoke_python_client(tmp_path: Path) -> None:
 def test_envoy_part_smoke_wrk(tmp_path: Path) -> None:
     _envoy_or_skip()
     _smoke(tmp_path, "wrk")
+
+
+@pytest.mark.slow
+def test_floor_and_both_transports_through_envoy(tmp_path: Path) -> None:
+    _envoy_or_skip()
+    argv = ["--part", "envoy", "--client", "python", "--envoy-policies", "least-requests", "--floor",
+            "--transports", "grpclib,grpcio", "--requests", "20", "--latency-warmup", "5",
+            "--duration", "0.5", "--bodies", "8", "--concurrency", "2"]  # fmt: skip
+    env = _run(argv, tmp_path)["envoy"]
+    paths = [r["path"] for r in env["latency"]][2:]
+    assert paths == [
+        "envoy + picker (floor, grpclib)",
+        "envoy + picker (floor, grpcio)",
+        "envoy + picker (least-requests, grpclib)",
+        "envoy + picker (least-requests, grpcio)",
+    ]
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in env["load"])
+    assert set(env["picker"]) == {
+        f"{p}, {t}" for p in ("floor", "least-requests") for t in ("grpclib", "grpcio")
+    }
+    assert env["picker"]["least-requests, grpcio"]["decisions"] > 0

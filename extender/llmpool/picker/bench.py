@@ -90,6 +90,7 @@ BLOCK_SIZE = 16
 NUM_GPU_BLOCKS = 20_000  # 320k KV tokens per endpoint
 DEFAULT_POLICIES = "least-requests,gie-default,impact,br0,brh"
 DEFAULT_ENVOY_POLICIES = "least-requests,impact"
+FLOOR = "floor"  # the transport floor (llmpool.picker.floor) in place of the picker
 SOAK_DEFAULT = 100_000
 WRK_LIMIT_MARK = b"BENCH-LIMIT-REACHED"
 STREAM_MESSAGES_IN = 6  # ext_proc messages per request from Envoy (see _stream_messages)
@@ -861,30 +862,44 @@ def _start_picker(
     cmd = [
         sys.executable,
         "-m",
-        "llmpool.cli",
-        "extender",
-        "--config",
-        str(cfg),
-        "--static-endpoints",
-        f"127.0.0.1:{backend_port}",
-        "--grpc-port",
+        "llmpool.picker.floor",
+        "--port",
         str(ports["grpc"]),
         "--health-port",
         str(ports["health"]),
-        "--metrics-port",
-        str(ports["metrics"]),
-        "--host",
-        "127.0.0.1",
-        "--plaintext",
-        "--log-format",
-        "text",
-        "--log-level",
-        "warning",
-        "--drain-seconds",
-        "1",
+        "--destination",
+        f"127.0.0.1:{backend_port}",
         "--transport",
         transport,
     ]
+    if policy != FLOOR:
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmpool.cli",
+            "extender",
+            "--config",
+            str(cfg),
+            "--static-endpoints",
+            f"127.0.0.1:{backend_port}",
+            "--grpc-port",
+            str(ports["grpc"]),
+            "--health-port",
+            str(ports["health"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--host",
+            "127.0.0.1",
+            "--plaintext",
+            "--log-format",
+            "text",
+            "--log-level",
+            "warning",
+            "--drain-seconds",
+            "1",
+            "--transport",
+            transport,
+        ]
     child = _Child(f"picker-{policy}", cmd, workdir / f"picker-{policy}.log", env=env)
     deadline = time.monotonic() + 30
     try:
@@ -1412,7 +1427,7 @@ class _EnvoyRun:
                     sent += self._soak(label, spec.listen_port, pids)
                     samples["soak"] = _rss_mib(pid)
                 samples["requests"] = sent
-                pm = _picker_metrics(ports["metrics"])
+                pm = {} if policy == FLOOR else _picker_metrics(ports["metrics"])
                 pm["envoy_ext_proc"] = {k: v for k, v in gw.ext_proc_stats().items() if v}
                 self.picker[label] = pm
             if not picker.alive():
@@ -1479,7 +1494,7 @@ def run_envoy(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str, A
             stack.callback(run.start_backend(envoy).stop)
             run.direct()
             run.no_picker()
-            for pol in policies:
+            for pol in ([FLOOR] if opts.floor else []) + policies:
                 for transport in transports:
                     run.with_picker(pol, transport)
     except gateway.GatewayError as err:
@@ -1614,6 +1629,8 @@ def _print_envoy(
             file=out,
         )
     for pol, pm in picker_stats.items():
+        if pol.startswith(f"{FLOOR},"):
+            continue  # the floor keeps no metrics
         bad = {k: v for k, v in pm.items() if k in ("stream_errors", "rejections") and v}
         codes = {k.removeprefix("responses_"): int(v) for k, v in pm.items() if k.startswith("responses_")}
         print(
@@ -1730,6 +1747,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default="grpclib",
         help="picker gRPC transports to run each policy on: grpclib, grpcio or both, comma-separated "
         "(default grpclib)",
+    )
+    e.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the transport floor (python -m llmpool.picker.floor: answers, no parsing, "
+        "no policy) on each transport, as policy 'floor'",
     )
     e.add_argument(
         "--requests", type=_positive, default=2000, help="sequential POSTs per path (default 2000)"

@@ -39,6 +39,7 @@ log = logging.getLogger("llmpool.picker")
 TRANSPORTS = ("grpclib", "grpcio")
 DEFAULT_TRANSPORT = "grpclib"
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+CLOSED_STREAMS_REMEMBERED = 4096
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -215,8 +216,13 @@ class GrpclibTransport:
         health_port: int,
         tls: tuple[bytes, bytes] | None,
     ) -> None:
+        import h2.connection
         from grpclib.server import Server
 
+        # h2 remembers the ids of the last 65,536 closed streams of a connection, to answer late
+        # frames for them correctly: ~10 MiB per gateway connection, a slow RSS climb over the
+        # first 65k requests. A few thousand cover any late frame (read when a connection opens).
+        h2.connection.H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
         # grpclib logs every stream its client cancels at INFO; Envoy cancels streams routinely.
         logging.getLogger("grpclib").setLevel(max(logging.WARNING, logging.getLogger("grpclib").level))
         self.servicer = servicer
