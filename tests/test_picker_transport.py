@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from typing import Any
 
 import grpc
@@ -22,7 +23,7 @@ from llmpool.picker.director import Director
 from llmpool.picker.metrics import PickerMetrics
 from llmpool.picker.server import self_signed_credentials
 from llmpool.picker.servicer import ExtProcServicer
-from llmpool.picker.transport import TRANSPORTS, make_transport
+from llmpool.picker.transport import TRANSPORTS, Listen, make_transport
 from llmpool.routing.policy import PolicyConfig
 from llmpool.serving.datastore import Datastore, Endpoint
 from llmpool.serving.scrape import EngineMetrics, ServerMetrics
@@ -57,12 +58,7 @@ class _Running:
         self.port, self.health_port = free_port(), free_port()
         self.creds = self_signed_credentials() if tls else None
         self.t = make_transport(
-            name,
-            self.servicer,
-            host="127.0.0.1",
-            port=self.port,
-            health_port=self.health_port,
-            tls=self.creds,
+            name, self.servicer, Listen("127.0.0.1", self.port, self.health_port, self.creds)
         )
 
     def channel(self, health_port: bool = False) -> grpc.aio.Channel:
@@ -173,4 +169,18 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish(name: str) -> None:
 
 def test_unknown_transport_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"unknown transport .h3.: choose one of grpclib, grpcio"):
-        make_transport("h3", _servicer(), host="127.0.0.1", port=1, health_port=2, tls=None)
+        make_transport("h3", _servicer(), Listen("127.0.0.1", 1, 2))
+
+
+def test_a_taken_port_is_an_os_error_and_stop_still_works() -> None:
+    async def main() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            t = make_transport("grpclib", _servicer(), Listen("127.0.0.1", port, free_port()))
+            with pytest.raises(OSError):
+                await t.start()
+            await t.stop(0)  # what the server's shutdown path does: no second error
+
+    asyncio.run(main())

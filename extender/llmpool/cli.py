@@ -480,14 +480,7 @@ def _cmd_extender(args: argparse.Namespace) -> int:
     )
     server = PickerServer(cfg, source, opts, config_path=args.config)
     try:
-        import os
-
-        if os.environ.get("LLMPOOL_UVLOOP"):
-            import uvloop
-
-            uvloop.run(server.run())
-        else:
-            asyncio.run(server.run())
+        asyncio.run(server.run())
     except OSError as err:
         raise _UsageError(f"cannot serve: {err.strerror or err}") from None
     return 0

@@ -240,6 +240,8 @@ def _picker_deployment(pool: PoolRef, spec: PoolSpec, picker_image: str) -> dict
     ]
     if spec.picker.plaintext:
         args.append("--plaintext")
+    if spec.picker.transport != "grpclib":
+        args += ["--transport", spec.picker.transport]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}}]
     for m in spec.routing.predictor_models:

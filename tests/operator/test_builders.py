@@ -23,7 +23,7 @@ from llmpool_operator.builders import (
     selector_labels,
     spec_hash,
 )
-from llmpool_operator.spec import DEFAULT_CPU_IMAGE, DEFAULT_NPU_IMAGE, PoolSpec, parse_spec
+from llmpool_operator.spec import DEFAULT_CPU_IMAGE, DEFAULT_NPU_IMAGE, PoolSpec, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "charts" / "llmpool" / "crds"
@@ -295,7 +295,7 @@ def test_picker_deployment_contract() -> None:
         "--pool-namespace",
         "ns",
     ]
-    assert "--plaintext" not in args
+    assert "--plaintext" not in args and "--transport" not in args  # grpclib: the picker's default
     assert {p["containerPort"] for p in c["ports"]} == {9002, 9003, 9090}
     assert c["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
     assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
@@ -530,3 +530,12 @@ def test_model_sources() -> None:
     assert c["args"][c["args"].index("--tokenizer") + 1] == "org/tok"
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["model"]["hostPath"] == {"path": "/data/m", "type": "Directory"}
+
+
+def test_picker_transport_is_passed_and_checked() -> None:
+    spec = parse_spec(_minimal(picker={"transport": "grpcio"}))
+    dep = _by_kind(build_children(PoolRef("p", "ns"), spec, picker_image="i"), "Deployment", "p-picker")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--transport") + 1] == "grpcio"
+    with pytest.raises(SpecError, match="transport"):
+        parse_spec(_minimal(picker={"transport": "h3"}))

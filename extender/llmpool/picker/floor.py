@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmpool.picker import protocol
 from llmpool.picker.servicer import ExtProcServicer
-from llmpool.picker.transport import TRANSPORTS, make_transport
+from llmpool.picker.transport import TRANSPORTS, Listen, make_transport
 
 
 class FloorServicer(ExtProcServicer):
@@ -58,9 +58,7 @@ class FloorServicer(ExtProcServicer):
 
 
 async def serve(port: int, health_port: int, destination: str, transport: str) -> None:
-    t = make_transport(
-        transport, FloorServicer(destination), host="127.0.0.1", port=port, health_port=health_port, tls=None
-    )
+    t = make_transport(transport, FloorServicer(destination), Listen("127.0.0.1", port, health_port))
     await t.start()
     for name in ("liveness", "readiness", "", "envoy.service.ext_proc.v3.ExternalProcessor"):
         await t.set_health(name, True)

@@ -32,7 +32,7 @@ from llmpool.picker.director import Director
 from llmpool.picker.discovery import PodSource, StaticSource
 from llmpool.picker.metrics import PickerMetrics
 from llmpool.picker.servicer import ExtProcServicer
-from llmpool.picker.transport import DEFAULT_TRANSPORT, Transport, make_transport
+from llmpool.picker.transport import DEFAULT_TRANSPORT, Listen, Transport, make_transport
 from llmpool.routing.policy import ConfigError
 from llmpool.serving.collector import MetricsCollector
 from llmpool.serving.datastore import Datastore, Endpoint
@@ -163,14 +163,8 @@ class PickerServer:
     async def run(self) -> None:
         opts = self.opts
         tls = _credentials(opts)
-        transport = self.transport = make_transport(
-            opts.transport,
-            self.servicer,
-            host=opts.host,
-            port=opts.grpc_port,
-            health_port=opts.health_port,
-            tls=tls,
-        )
+        listen = Listen(opts.host, opts.grpc_port, opts.health_port, tls)
+        transport = self.transport = make_transport(opts.transport, self.servicer, listen)
         await transport.set_health("liveness", True)
         await self._set_ready(False)
         addr = f"{opts.host}:{opts.grpc_port}"

@@ -23,6 +23,7 @@ import logging
 import ssl
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,20 +58,22 @@ class Transport(Protocol):
     async def stop(self, grace_s: float) -> None: ...
 
 
-def make_transport(
-    name: str,
-    servicer: ExtProcServicer,
-    *,
-    host: str,
-    port: int,
-    health_port: int,
-    tls: tuple[bytes, bytes] | None,
-) -> Transport:
-    """``tls`` = (certificate PEM, key PEM), or None for plaintext."""
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where a transport listens: ext_proc (and health) on ``port``, health only on
+    ``health_port``; ``tls`` = (certificate PEM, key PEM) for ``port``, or None (plaintext)."""
+
+    host: str
+    port: int
+    health_port: int
+    tls: tuple[bytes, bytes] | None = None
+
+
+def make_transport(name: str, servicer: ExtProcServicer, listen: Listen) -> Transport:
     if name == "grpclib":
-        return GrpclibTransport(servicer, host=host, port=port, health_port=health_port, tls=tls)
+        return GrpclibTransport(servicer, listen)
     if name == "grpcio":
-        return GrpcioTransport(servicer, host=host, port=port, health_port=health_port, tls=tls)
+        return GrpcioTransport(servicer, listen)
     raise ValueError(f"unknown transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
 
 
@@ -78,15 +81,8 @@ def make_transport(
 class GrpcioTransport:
     name = "grpcio"
 
-    def __init__(
-        self,
-        servicer: ExtProcServicer,
-        *,
-        host: str,
-        port: int,
-        health_port: int,
-        tls: tuple[bytes, bytes] | None,
-    ) -> None:
+    def __init__(self, servicer: ExtProcServicer, listen: Listen) -> None:
+        host, port, health_port, tls = listen.host, listen.port, listen.health_port, listen.tls
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self.server)
@@ -207,15 +203,7 @@ def _ssl_context(tls: tuple[bytes, bytes]) -> ssl.SSLContext:
 class GrpclibTransport:
     name = "grpclib"
 
-    def __init__(
-        self,
-        servicer: ExtProcServicer,
-        *,
-        host: str,
-        port: int,
-        health_port: int,
-        tls: tuple[bytes, bytes] | None,
-    ) -> None:
+    def __init__(self, servicer: ExtProcServicer, listen: Listen) -> None:
         import h2.connection
         from grpclib.server import Server
 
@@ -226,16 +214,17 @@ class GrpclibTransport:
         # grpclib logs every stream its client cancels at INFO; Envoy cancels streams routinely.
         logging.getLogger("grpclib").setLevel(max(logging.WARNING, logging.getLogger("grpclib").level))
         self.servicer = servicer
-        self.host, self.port, self.health_port = host, port, health_port
-        self.ssl = None if tls is None else _ssl_context(tls)
+        self.listen = listen
+        self.ssl = None if listen.tls is None else _ssl_context(listen.tls)
         self.health = _Health()
         self.ext_proc = _ExtProc(servicer)
         self.server = Server([self.ext_proc, self.health])
         self.health_server = Server([self.health])
 
     async def start(self) -> None:
-        await self.server.start(self.host, self.port, ssl=self.ssl, reuse_address=True)
-        await self.health_server.start(self.host, self.health_port, reuse_address=True)
+        at = self.listen
+        await self.server.start(at.host, at.port, ssl=self.ssl, reuse_address=True)
+        await self.health_server.start(at.host, at.health_port, reuse_address=True)
 
     async def set_health(self, service: str, serving: bool) -> None:
         await self.health.set(service, serving)
@@ -247,7 +236,6 @@ class GrpclibTransport:
         while self.servicer.open_streams > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for srv in (self.server, self.health_server):
-            srv.close()  # cancels what is still open (health watches, streams past the grace)
-        for srv in (self.server, self.health_server):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(RuntimeError, TimeoutError):  # RuntimeError: never started
+                srv.close()  # cancels what is still open (health watches, streams past the grace)
                 await asyncio.wait_for(srv.wait_closed(), 5.0)
