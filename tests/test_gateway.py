@@ -41,6 +41,7 @@ from llmpool.gateway import (
     validate_config,
     write_config,
 )
+from llmpool.procs import pid_alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -538,23 +539,14 @@ def test_envoy_dies_with_the_process_that_started_it() -> None:
     try:
         assert parent.stdout is not None
         pid = int(parent.stdout.readline())
-        assert _alive(pid)
+        assert pid_alive(pid)
         parent.kill()
         parent.wait(timeout=5)
         deadline = time.monotonic() + 5
-        while _alive(pid):
+        while pid_alive(pid):
             assert time.monotonic() < deadline, f"envoy {pid} outlived its parent"
             time.sleep(0.05)
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"

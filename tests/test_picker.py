@@ -260,6 +260,7 @@ def test_subset_hint_is_strict(hint: Any, expect: set[str] | None) -> None:
         (b'{"model": "m", "messages": []}', "/v1/chat/completions", "messages"),
         (b'{"model": "m", "prompt": 5}', "/v1/completions", "prompt"),
         (b'{"model": "m", "prompt": "x", "max_tokens": -1}', "/v1/completions", "max_tokens"),
+        (b'{"model": "m", "prompt": [1, 9223372036854775809]}', "/v1/completions", "at most 64 bits"),
     ],
 )
 def test_bad_bodies_get_400(body: bytes, path: str, message: str) -> None:

@@ -28,10 +28,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+import h2.connection
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
 
 from llmpool.picker.servicer import ExtProcServicer, StreamFailed
 
@@ -123,9 +127,6 @@ class _Health:
             self._changed.notify_all()
 
     async def check(self, stream: Any) -> None:
-        from grpclib.const import Status
-        from grpclib.exceptions import GRPCError
-
         req = await stream.recv_message()
         status = self.status.get(req.service if req is not None else "")
         if status is None:
@@ -146,8 +147,6 @@ class _Health:
             await stream.send_message(health_pb2.HealthCheckResponse(status=now))
 
     def __mapping__(self) -> dict[str, Any]:
-        from grpclib.const import Cardinality, Handler
-
         req, resp = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
         return {
             "/grpc.health.v1.Health/Check": Handler(self.check, Cardinality.UNARY_UNARY, req, resp),
@@ -163,9 +162,6 @@ class _ExtProc:
         self.draining = False
 
     async def process(self, stream: Any) -> None:
-        from grpclib.const import Status
-        from grpclib.exceptions import GRPCError
-
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "the endpoint picker is shutting down")
         messages: AsyncIterator[pb.ProcessingRequest] = stream.__aiter__()
@@ -176,8 +172,6 @@ class _ExtProc:
             raise GRPCError(Status.INTERNAL, str(err)) from None
 
     def __mapping__(self) -> dict[str, Any]:
-        from grpclib.const import Cardinality, Handler
-
         return {
             PROCESS_METHOD: Handler(
                 self.process, Cardinality.STREAM_STREAM, pb.ProcessingRequest, pb.ProcessingResponse
@@ -204,9 +198,6 @@ class GrpclibTransport:
     name = "grpclib"
 
     def __init__(self, servicer: ExtProcServicer, listen: Listen) -> None:
-        import h2.connection
-        from grpclib.server import Server
-
         # h2 remembers the ids of the last 65,536 closed streams of a connection, to answer late
         # frames for them correctly: ~10 MiB per gateway connection, a slow RSS climb over the
         # first 65k requests. A few thousand cover any late frame (read when a connection opens).

@@ -9,7 +9,6 @@ same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Final
@@ -17,6 +16,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from llmpool.modelfile import meta_path, read_checked_meta, sha256_file
 from llmpool.predict import PredictError
 
 __all__ = [
@@ -35,18 +35,6 @@ OPSET: Final = 17
 IR_VERSION: Final = 8
 
 
-def meta_path(onnx_path: str | Path) -> Path:
-    return Path(onnx_path).with_suffix(".json")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_meta(onnx_path: str | Path, meta: dict[str, Any]) -> Path:
     """Write the metadata beside ``onnx_path`` (with the ONNX file's hash) and return its path."""
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "onnx_sha256": sha256_file(onnx_path)}
@@ -57,28 +45,14 @@ def write_meta(onnx_path: str | Path, meta: dict[str, Any]) -> Path:
 
 def read_meta(onnx_path: str | Path) -> dict[str, Any]:
     """The metadata of a model file, checked against the ONNX file (one-line errors)."""
-    op = Path(onnx_path)
-    if not op.is_file():
-        raise PredictError(f"predictor model {op}: no such file")
-    mp = meta_path(op)
-    if not mp.is_file():
-        raise PredictError(f"predictor model {op}: its metadata file {mp.name} is missing")
-    try:
-        meta = json.loads(mp.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PredictError(f"predictor model {op}: metadata {mp.name} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PredictError(f"predictor model {op}: {mp.name} is not llmpool length-predictor metadata")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PredictError(
-            f"predictor model {op}: format version {meta.get('format_version')!r} is not supported "
-            f"(this build reads {FORMAT_VERSION}); retrain with `llmpool predictor train`"
-        )
-    if meta.get("onnx_sha256") != sha256_file(op):
-        raise PredictError(
-            f"predictor model {op}: the ONNX file does not match its metadata (corrupt or replaced)"
-        )
-    return meta
+    return read_checked_meta(
+        onnx_path,
+        what="predictor model",
+        fmt=FORMAT,
+        version=FORMAT_VERSION,
+        error=PredictError,
+        retrain="retrain with `llmpool predictor train`",
+    )
 
 
 def linear_graph(

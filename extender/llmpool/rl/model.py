@@ -13,7 +13,6 @@ what is wrong.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from importlib import resources
@@ -23,6 +22,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from llmpool.modelfile import meta_path, read_checked_meta, sha256_file
 from llmpool.rl.features import FEATURE_VERSION, FEATURES, N_FEATURES
 
 FORMAT: Final = "llmpool-rl-router"
@@ -48,14 +48,6 @@ def resolve(spec: str) -> Path:
     if spec in BUILTIN_MODELS:
         return builtin_path(spec)
     return Path(spec).expanduser()
-
-
-def meta_path(onnx_path: str | Path) -> Path:
-    return Path(onnx_path).with_suffix(".json")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_model(path: str | Path, layers: Layers, meta: dict[str, Any]) -> Path:
@@ -103,36 +95,26 @@ def write_model(path: str | Path, layers: Layers, meta: dict[str, Any]) -> Path:
         "feature_version": FEATURE_VERSION,
         "hidden": [int(w.shape[1]) for w, _ in layers[:-1]],
         **meta,
-        "onnx_sha256": _sha256(out),
+        "onnx_sha256": sha256_file(out),
     }
     meta_path(out).write_text(json.dumps(full, sort_keys=True, indent=1) + "\n", encoding="utf-8")
     return out
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    mp = meta_path(path)
-    if not path.is_file():
-        raise RLModelError(f"RL model {path}: no such file")
-    if not mp.is_file():
-        raise RLModelError(f"RL model {path}: its metadata file {mp.name} is missing")
-    try:
-        meta = json.loads(mp.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RLModelError(f"RL model {path}: metadata {mp.name} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise RLModelError(f"RL model {path}: metadata {mp.name} is not an {FORMAT} file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RLModelError(
-            f"RL model {path}: format version {meta.get('format_version')!r};"
-            f" this build reads {FORMAT_VERSION}"
-        )
+    meta = read_checked_meta(
+        path,
+        what="RL model",
+        fmt=FORMAT,
+        version=FORMAT_VERSION,
+        error=RLModelError,
+        retrain="retrain it with `llmpool rl train`",
+    )
     if meta.get("features") != list(FEATURES):
         raise RLModelError(
             f"RL model {path}: trained on a different state encoding (feature version "
             f"{meta.get('feature_version')!r}, this build {FEATURE_VERSION}): retrain it"
         )
-    if meta.get("onnx_sha256") != _sha256(path):
-        raise RLModelError(f"RL model {path}: the ONNX file does not match its metadata (hash differs)")
     me = meta.get("max_endpoints")
     if not isinstance(me, int) or me < 1:
         raise RLModelError(f"RL model {path}: metadata 'max_endpoints' is missing or not a positive integer")

@@ -91,13 +91,8 @@ class _Heuristic(ImpactPolicy):
         """None when the heuristic holds ``request``; else its candidate endpoints with their costs."""
         eps = view.endpoints
         self._last_eps = eps
-        if self.p.hold:
-            key = (view.now, len(view.queue))
-            if key != self._round_key:
-                self._round_key = key
-                self._plan_round(view)
-            if request.id not in self._release:
-                return None
+        if not self._released(request, view):
+            return None
         fresh, credit = self._candidates(request, eps)
         expected = self._expected_len(request)
         p = self.p

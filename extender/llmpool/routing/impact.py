@@ -317,13 +317,8 @@ class ImpactPolicy(Policy):
         if not eps:
             return Hold("no endpoints")
         self._last_eps = eps
-        if self.p.hold:
-            key = (view.now, len(view.queue))
-            if key != self._round_key:
-                self._round_key = key
-                self._plan_round(view)
-            if request.id not in self._release:
-                return Hold("saturated: released by predicted cost")
+        if not self._released(request, view):
+            return Hold("saturated: released by predicted cost")
         fresh, credit = self._candidates(request, eps)
         best: list[tuple[float, float, int]] = []
         for ep in fresh:
@@ -331,6 +326,17 @@ class ImpactPolicy(Policy):
         best.sort()
         order = tuple(i for _, _, i in best)
         return Route(order)
+
+    def _released(self, request: Request, view: PoolView) -> bool:
+        """Whether this round releases ``request`` from the router queue (always, without
+        ``hold``); the round is planned once per (time, queue length)."""
+        if not self.p.hold:
+            return True
+        key = (view.now, len(view.queue))
+        if key != self._round_key:
+            self._round_key = key
+            self._plan_round(view)
+        return request.id in self._release
 
     def on_assigned(self, request: Request, endpoint: int, now: float) -> None:
         e = self._expected_len(request)
