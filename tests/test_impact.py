@@ -78,6 +78,25 @@ def test_estimator_impact_on_others_hand_case() -> None:
     assert busier.own_e2e > est.own_e2e and busier.prefill_stall > est.prefill_stall
 
 
+def test_prompts_without_a_first_token_are_prefilled_first() -> None:
+    c = CostModel(S)
+    e = ep(0, running=20, kv_tokens=20_000)
+    base = ImpactEstimator(c, A100.engine).estimate(300, 50, e, remaining_others=4000.0)
+    e.prefill_pending_tokens = 5000  # queued or mid-prefill ahead of the newcomer
+    est = ImpactEstimator(c, A100.engine).estimate(300, 50, e, remaining_others=4000.0)
+    step_now = c.decode_step(20, 20_000)
+    ahead = c.prefill_extra(5000, 20, 2048) + math.ceil(5000 / (2048 - 20)) * step_now
+    assert est.ttft == pytest.approx(base.ttft + ahead)
+    # what it does to the others is unchanged: the queue ahead is not its doing
+    assert (est.prefill_stall, est.decode_slowdown, est.decode) == (
+        base.prefill_stall,
+        base.decode_slowdown,
+        base.decode,
+    )
+    off = ImpactEstimator(c, A100.engine, queued_prefill=False).estimate(300, 50, e, 4000.0)
+    assert off.ttft == pytest.approx(base.ttft)
+
+
 def test_kv_pressure_penalty_only_when_overflowing() -> None:
     c = CostModel(S)
     est = ImpactEstimator(c, A100.engine)

@@ -59,6 +59,25 @@ def test_datastore_pending_follows_scrape_epochs() -> None:
     assert ds.states[1].inflight == 0
 
 
+def test_datastore_prefill_pending_until_the_first_streamed_token() -> None:
+    ds = Datastore([Endpoint.parse("a:1"), Endpoint.parse("b:2")])
+    a, b = ds.states
+    f1 = ds.assign(0, _req(1, 100), now=1.0)
+    f2 = ds.assign(0, _req(2, 30), now=1.0)
+    quiet = Request(id=3, arrival=0.0, prompt_tokens=500, stream=False)
+    f3 = ds.assign(0, quiet, now=1.0)  # not streamed: its first token is seen only at the end
+    assert a.prefill_pending_tokens == 130
+    ds.progress(f1, 1, now=1.1)
+    ds.progress(f1, 4, now=1.2)  # only the first token counts
+    assert a.prefill_pending_tokens == 30
+    ds.move(f2, ds.slots[1])  # the gateway retried it on b: its pending prompt moves along
+    assert (a.prefill_pending_tokens, b.prefill_pending_tokens) == (0, 30)
+    ds.complete(f2)  # failed before any token
+    ds.complete(f3)
+    ds.complete(f1)
+    assert (a.prefill_pending_tokens, b.prefill_pending_tokens) == (0, 0)
+
+
 def test_datastore_stale_after_failures() -> None:
     ds = Datastore([Endpoint.parse("a:1")], stale_after_s=2.0)
     ds.scraped(0, _metrics(), now=10.0)

@@ -713,6 +713,38 @@ class CheckPending(Policy):
         del self.sent[request.id]
 
 
+class CheckPrefillPending(Policy):
+    """Round-robin that checks the router's prefill-pending tokens against the engines'
+    requests with no first token, at every decision."""
+
+    name = "check-prefill-pending"
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.checks = 0
+        self.mismatches = 0
+        self.nonzero = 0
+
+    def decide(self, request: Request, view: PoolView) -> Route:
+        for ep in view.endpoints:
+            truth = sum(a.request.prompt_tokens for a in ep.active() if a.first_token_at is None)
+            self.checks += 1
+            self.mismatches += truth != ep.prefill_pending_tokens
+            self.nonzero += truth > 0
+        self.next += 1
+        return Route((self.next % len(view.endpoints),))
+
+
+def test_prefill_pending_tokens_follow_first_tokens() -> None:
+    items = [item(i, i * 0.002, 300 + 50 * (i % 7), 1 + (i % 5)) for i in range(400)]
+    pol = CheckPrefillPending()
+    sim = Simulator(load_profile("a100-llama3-8b"), pol, SimConfig(instances=2))
+    res = sim.run(items)
+    assert res.summary.requests == 400
+    assert pol.checks > 500 and pol.nonzero > 50 and pol.mismatches == 0
+    assert [ep.prefill_pending_tokens for ep in sim.endpoints] == [0, 0]
+
+
 def test_pending_since_scrape_is_exact_with_slow_scrapes() -> None:
     items = [item(i, i * 0.01, 50, 1 + (i % 3)) for i in range(300)]
     pol = CheckPending()

@@ -325,8 +325,11 @@ class Engine:
         """KV tokens resident during the planned step (the DP-imbalance load L_g)."""
         return self.ctx_tokens + sum(n for _, n in self.sched)
 
-    def apply_step(self, end_ps: int, finished: list[EngineRequest]) -> None:
-        """Apply the planned general step that ended at ``end_ps``."""
+    def apply_step(
+        self, end_ps: int, finished: list[EngineRequest], started: list[EngineRequest] | None = None
+    ) -> None:
+        """Apply the planned general step that ended at ``end_ps``; requests that produced
+        their first token in it are appended to ``started`` (if given)."""
         done = False
         for r, n in self.sched:
             was_prefilling = r.computed < r.prompt
@@ -340,6 +343,8 @@ class Engine:
                     r.first_ps = end_ps
                     self.prompt_tokens_total += r.prompt
                     self.prompt_tokens_cached_total += r.cached
+                    if started is not None:
+                        started.append(r)
                 if was_prefilling and r.computed >= r.prompt:
                     self._insert_prefix(r)
                 if r.generated >= r.output:
@@ -677,8 +682,10 @@ class StepGroup:
         return True
 
     # --------------------------------------------------------------- completion
-    def finish(self, now_ps: int) -> list[EngineRequest]:
-        """Apply the planned step/segment (which ends at ``now_ps``)."""
+    def finish(self, now_ps: int, started: list[EngineRequest] | None = None) -> list[EngineRequest]:
+        """Apply the planned step/segment (which ends at ``now_ps``); the finished requests.
+        Requests that produced their first token are appended to ``started`` (if given; a
+        decode-only segment starts none)."""
         finished: list[EngineRequest] = []
         if self.seg_k:
             k = self.seg_k
@@ -692,7 +699,7 @@ class StepGroup:
                     e.apply_segment(k, now_ps, finished)
         else:
             for e in self.engines:
-                e.apply_step(now_ps, finished)
+                e.apply_step(now_ps, finished, started)
         self.seg_k = 0
         self.busy = False
         return finished

@@ -21,7 +21,14 @@ from typing import Any, Protocol
 
 from llmpool.lab.engine import Engine, EngineRequest, StepGroup
 from llmpool.lab.metrics import RequestLog, RunSummary, summarize
-from llmpool.routing.driver import DispatchError, dispatch_round, note_assigned, note_finished, note_scraped
+from llmpool.routing.driver import (
+    DispatchError,
+    dispatch_round,
+    note_assigned,
+    note_finished,
+    note_first_token,
+    note_scraped,
+)
 from llmpool.routing.policy import Policy
 from llmpool.routing.profile import PS_PER_S, EngineConfig, Profile, StepTimer
 from llmpool.routing.types import ActiveRequest, EndpointState, PoolView, Request, Route
@@ -180,6 +187,7 @@ class Simulator:
         pop = heapq.heappop
         it = iter(items)
         queue_reqs: deque[Request] = deque()
+        started: list[EngineRequest] = []  # first tokens of the step just applied
         self.view.queue = queue_reqs
         log = RequestLog()
         rejected = 0
@@ -275,7 +283,10 @@ class Simulator:
                 group: StepGroup = obj
                 if version != group.version or not group.busy:
                     continue
-                finished = group.finish(t)
+                started.clear()
+                finished = group.finish(t, started)
+                for r in started:  # the router sees first tokens as they stream
+                    note_first_token(endpoints[r.tag.endpoint], r.prompt)
                 now_s = t / PS_PER_S
                 for r in finished:
                     fl: _Flight = r.tag

@@ -220,6 +220,7 @@ class Director:
             prefix_hashes=parsed.prefix_hashes,
             hash_block_tokens=64,
             priority=priority,
+            stream=parsed.stream,
         )
         predictor = getattr(self.policy, "predictor", None)
         if isinstance(predictor, LengthPredictor):

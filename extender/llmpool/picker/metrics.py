@@ -132,16 +132,23 @@ class _PoolCollector(Collector):
         tokens = GaugeMetricFamily(
             "llmpool_inflight_prompt_tokens", "Prompt tokens in flight per endpoint", labels=["endpoint"]
         )
+        prefill = GaugeMetricFamily(
+            "llmpool_prefill_pending_tokens",
+            "Prompt tokens of in-flight streamed requests with no output token yet, per endpoint",
+            labels=["endpoint"],
+        )
         stale = 0
         down = 0
         for slot in ds.slots:
             st = slot.state
             inflight.add_metric([st.name], st.inflight)
             tokens.add_metric([st.name], st.inflight_prompt_tokens)
+            prefill.add_metric([st.name], st.prefill_pending_tokens)
             stale += st.stale
             down += slot.down
         yield inflight
         yield tokens
+        yield prefill
         yield GaugeMetricFamily("llmpool_endpoints", "Endpoints in the pool", value=len(ds.slots))
         yield GaugeMetricFamily("llmpool_stale_endpoints", "Endpoints whose metrics are stale", value=stale)
         yield GaugeMetricFamily(

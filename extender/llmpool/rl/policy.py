@@ -94,19 +94,10 @@ class _Heuristic(ImpactPolicy):
         if not self._released(request, view):
             return None
         fresh, credit = self._candidates(request, eps)
-        expected = self._expected_len(request)
-        p = self.p
         out: list[Candidate] = []
         for ep in fresh:
-            cached = 0.0
-            if credit:
-                cached = float(
-                    min(credit.get(ep.name, 0) * request.hash_block_tokens, request.prompt_tokens - 1)
-                )
             rem = self._remaining(ep)
-            est = self.estimator.estimate(float(request.prompt_tokens), expected, ep, rem, cached)
-            impact = p.alpha * est.prefill_stall + (1.0 - p.alpha) * est.decode_slowdown
-            score = est.own_e2e + p.impact_weight * impact + p.kv_weight * est.kv_penalty
+            est, score = self._assess(request, ep, credit, rem)
             cap = ep.kv_capacity_tokens
             out.append(
                 Candidate(

@@ -7,8 +7,9 @@ and the same router-side accounting in the lab and in production:
 * :func:`dispatch_round` offers queued requests to the policy in arrival order with one
   frozen ``view.now``; a :class:`~llmpool.routing.types.Hold` skips past a request, but
   at most ``window`` requests are offered per round (1 = head-of-line blocking);
-* :func:`note_assigned`, :func:`note_finished` and :func:`note_scraped` keep an
-  endpoint's in-flight counts and its *pending since scrape* counts exact. A request
+* :func:`note_assigned`, :func:`note_first_token`, :func:`note_finished` and
+  :func:`note_scraped` keep an endpoint's in-flight counts, its prompt tokens still
+  waiting for a first output token, and its *pending since scrape* counts exact. A request
   assigned after the endpoint's last scrape is pending (the scraped gauges cannot show
   it yet); it stops being pending at the next scrape, or when it finishes within the
   same scrape epoch.
@@ -26,19 +27,33 @@ class DispatchError(RuntimeError):
     """The policy failed or returned something unusable for one request."""
 
 
-def note_assigned(st: EndpointState, prompt_tokens: int) -> int:
-    """A request of ``prompt_tokens`` was sent to ``st``; returns the scrape epoch to keep."""
+def note_assigned(st: EndpointState, prompt_tokens: int, *, awaiting_first: bool = True) -> int:
+    """A request of ``prompt_tokens`` was sent to ``st``; returns the scrape epoch to keep.
+
+    ``awaiting_first``: the driver will report the request's first output token
+    (:func:`note_first_token`), so its prompt counts as prefill work until then; False for
+    a request whose first token the driver cannot see before it ends (not streamed)."""
     st.inflight += 1
     st.inflight_prompt_tokens += prompt_tokens
     st.pending_since_scrape += 1
     st.pending_tokens_since_scrape += prompt_tokens
+    if awaiting_first:
+        st.prefill_pending_tokens += prompt_tokens
     return st.scrape_epoch
 
 
-def note_finished(st: EndpointState, prompt_tokens: int, epoch: int) -> None:
-    """A request assigned in scrape epoch ``epoch`` left ``st`` (done, failed or cancelled)."""
+def note_first_token(st: EndpointState, prompt_tokens: int) -> None:
+    """The first output token of a request assigned with ``awaiting_first`` was seen."""
+    st.prefill_pending_tokens -= prompt_tokens
+
+
+def note_finished(st: EndpointState, prompt_tokens: int, epoch: int, *, awaiting_first: bool = False) -> None:
+    """A request assigned in scrape epoch ``epoch`` left ``st`` (done, failed or cancelled);
+    ``awaiting_first``: it still counted as prefill work (no first token was reported)."""
     st.inflight -= 1
     st.inflight_prompt_tokens -= prompt_tokens
+    if awaiting_first:
+        st.prefill_pending_tokens -= prompt_tokens
     if epoch == st.scrape_epoch and st.pending_since_scrape > 0:
         st.pending_since_scrape -= 1
         st.pending_tokens_since_scrape -= prompt_tokens

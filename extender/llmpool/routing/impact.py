@@ -3,8 +3,9 @@
 For a new request and each candidate endpoint, :class:`ImpactEstimator` estimates, from the
 endpoint's observed state and the engines' step-cost profile:
 
-* the request's **own** TTFT there (waiting for a batch slot, its prefill) and its decode
-  time (its predicted output length at the batch's per-step time);
+* the request's **own** TTFT there (waiting for a batch slot, the prefill work queued ahead
+  of it, its own prefill) and its decode time (its predicted output length at the batch's
+  per-step time);
 * the delay it adds to the requests **already there**: the *prefill stall* (every running
   decode waits for the steps that carry its prompt; paper a's Eq. 1 term, "proportional to
   the prompt tokens and the tokens already decoding") and the *decode slowdown* (one more
@@ -101,10 +102,18 @@ class Estimate:
 class ImpactEstimator:
     """Own latency and impact on others of placing a request on an endpoint."""
 
-    def __init__(self, cost: CostModel, engine: EngineConfig, *, max_seqs: int | None = None) -> None:
+    def __init__(
+        self,
+        cost: CostModel,
+        engine: EngineConfig,
+        *,
+        max_seqs: int | None = None,
+        queued_prefill: bool = True,
+    ) -> None:
         self.cost = cost
         self.budget = float(engine.max_num_batched_tokens)
         self.max_seqs = max_seqs or engine.max_num_seqs
+        self.queued_prefill = queued_prefill
 
     def estimate(
         self,
@@ -116,7 +125,11 @@ class ImpactEstimator:
     ) -> Estimate:
         """``remaining_others``: predicted output tokens still to come for the requests
         already on ``ep`` (their sum); ``cached``: prompt tokens likely served from ``ep``'s
-        prefix cache (they cost no prefill compute, but still occupy KV)."""
+        prefix cache (they cost no prefill compute, but still occupy KV).
+
+        With ``queued_prefill``, the prompts on ``ep`` that have not produced a first token
+        (``ep.prefill_pending_tokens``) are prefilled before this one (vLLM schedules
+        first come, first served): the request's TTFT includes the steps that carry them."""
         c = self.cost
         n = float(ep.running + ep.pending_since_scrape)  # sequences in the batch soon
         queued = float(ep.waiting)
@@ -128,14 +141,20 @@ class ImpactEstimator:
         wait = 0.0
         if over > 0 and n > 0:
             wait = over * step_now * max(per_req_rem, 1.0) / n
-        prefill = c.prefill_extra(max(prompt - cached, 1.0), min(n, self.max_seqs), self.budget)
-        ttft = wait + prefill + step_now
+        running_now = min(n, float(self.max_seqs))
+        prefill = c.prefill_extra(max(prompt - cached, 1.0), running_now, self.budget)
+        ahead = 0.0
+        backlog = float(ep.prefill_pending_tokens) if self.queued_prefill else 0.0
+        if backlog > 0.0:
+            # the steps that carry the prompts queued ahead, each a decode step plus its chunk
+            room = max(1.0, self.budget - running_now)
+            ahead = c.prefill_extra(backlog, running_now, self.budget) + math.ceil(backlog / room) * step_now
+        ttft = wait + ahead + prefill + step_now
         n_after = min(n + 1.0, float(self.max_seqs))
         step_after = c.decode_step(n_after, kv + prompt + expected_out / 2.0)
         decode = max(expected_out - 1.0, 0.0) * step_after
         # Impact on the others: every running decode is stalled by the prefill; each step of
         # the overlap (min(their remaining, ours)) is longer by one more sequence's cost.
-        running_now = min(n, float(self.max_seqs))
         stall = running_now * prefill
         delta = max(0.0, c.decode_step(n_after, kv + prompt) - c.decode_step(max(n, 1.0), kv))
         overlap = min(remaining_others, running_now * expected_out)
@@ -182,6 +201,13 @@ class ImpactParams(PolicyParams):
     max_hold_s: float = Field(
         default=30.0, gt=0.0, description="a request held this long is released first, whatever its cost"
     )
+    queued_prefill: bool = Field(
+        default=True,
+        description=(
+            "count the prompts already on an endpoint that have not produced a first token as "
+            "prefill work ahead of the request (its TTFT); seen for streamed responses"
+        ),
+    )
     prefix_aware: bool = Field(
         default=True,
         description="discount prefill on endpoints likely to hold the prompt's prefix (router-side index)",
@@ -200,7 +226,12 @@ class ImpactPolicy(Policy):
         self.p = params
         self.rng = ctx.rng
         profile = self._profile(params, ctx)
-        self.estimator = ImpactEstimator(CostModel(profile.step), profile.engine, max_seqs=params.max_seqs)
+        self.estimator = ImpactEstimator(
+            CostModel(profile.step),
+            profile.engine,
+            max_seqs=params.max_seqs,
+            queued_prefill=params.queued_prefill,
+        )
         pred_cfg = PredictorConfig.parse(params.predictor)
         if oracle:
             pred_cfg = pred_cfg.model_copy(update={"name": "oracle"})
@@ -242,17 +273,23 @@ class ImpactPolicy(Policy):
         # the router's own in-flight count is exact and fresh (gauges lag up to a scrape)
         return self.estimator.max_seqs - ep.inflight
 
-    def _score(self, req: Request, ep: EndpointState, credit: dict[str, int] | None = None) -> float:
+    def _assess(
+        self, req: Request, ep: EndpointState, credit: dict[str, int] | None, remaining: float
+    ) -> tuple[Estimate, float]:
+        """The estimate for ``req`` on ``ep`` and its score (lower is better)."""
         cached = 0.0
         if credit:
             blocks = credit.get(ep.name, 0)
             cached = float(min(blocks * req.hash_block_tokens, req.prompt_tokens - 1))
         est = self.estimator.estimate(
-            float(req.prompt_tokens), self._expected_len(req), ep, self._remaining(ep), cached
+            float(req.prompt_tokens), self._expected_len(req), ep, remaining, cached
         )
         p = self.p
         impact = p.alpha * est.prefill_stall + (1.0 - p.alpha) * est.decode_slowdown
-        return est.own_e2e + p.impact_weight * impact + p.kv_weight * est.kv_penalty
+        return est, est.own_e2e + p.impact_weight * impact + p.kv_weight * est.kv_penalty
+
+    def _score(self, req: Request, ep: EndpointState, credit: dict[str, int] | None = None) -> float:
+        return self._assess(req, ep, credit, self._remaining(ep))[1]
 
     def _key(self, r: Request) -> float:
         """Static release priority: log of the predicted cost, aged by arrival time

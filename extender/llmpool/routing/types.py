@@ -40,6 +40,8 @@ class Request:
     tokens each, as a chain: equal values at the same position mean a shareable
     prefix (the Mooncake trace's ``hash_ids``; the picker derives them from the
     prompt text). ``max_tokens`` is what the client asked for, if anything.
+    ``stream``: the response is streamed, so the router sees its first token when it
+    comes (the lab's requests behave as streamed).
     """
 
     id: int
@@ -53,6 +55,7 @@ class Request:
     hash_block_tokens: int = 512
     priority: int = 0
     task: str = ""
+    stream: bool = True
     prediction: LengthPrediction | None = None
 
 
@@ -78,9 +81,13 @@ class EndpointState:
     * *router-side* -- exact and fresh, from the router's own assignments:
       ``inflight`` requests, ``inflight_prompt_tokens``, ``pending_since_scrape``
       (requests assigned after ``scraped_at``, which the gauges cannot show yet) and
-      their prompt tokens ``pending_tokens_since_scrape``, and the output tokens seen so
+      their prompt tokens ``pending_tokens_since_scrape``, the output tokens seen so
       far for the in-flight requests ``inflight_output_tokens`` (the picker counts
-      streamed tokens; the simulator refreshes it with each scrape).
+      streamed tokens; the simulator refreshes it with each scrape), and
+      ``prefill_pending_tokens``: the prompt tokens of the in-flight requests that have
+      shown no output token yet, i.e. prefill work queued or running on the endpoint
+      (the picker sees first tokens of streamed responses; a non-streamed request is not
+      counted, since its first token is only seen at the end).
 
     ``group`` names the engine (pod) the endpoint belongs to: endpoints sharing a
     group are the data-parallel ranks of one barrier-coupled engine; ``rank`` is the
@@ -105,6 +112,7 @@ class EndpointState:
     pending_since_scrape: int = 0
     pending_tokens_since_scrape: int = 0
     inflight_output_tokens: int = 0  # output tokens seen so far for the in-flight requests
+    prefill_pending_tokens: int = 0  # prompt tokens of in-flight requests with no output token yet
     # Filled on demand by the driver (per-request progress is O(requests) to build).
     _active_source: Callable[[], Sequence[ActiveRequest]] | None = field(default=None, repr=False)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from llmpool.routing.driver import note_assigned, note_finished, note_scraped
+from llmpool.routing.driver import note_assigned, note_finished, note_first_token, note_scraped
 from llmpool.routing.types import ActiveRequest, EndpointState, PoolView, Request
 from llmpool.serving.scrape import ServerMetrics
 
@@ -79,12 +79,14 @@ class Slot:
 class Flight:
     """One request assigned to an endpoint and not yet finished."""
 
-    __slots__ = ("active", "epoch", "request", "route", "slot")
+    __slots__ = ("active", "awaiting_first", "epoch", "request", "route", "slot")
 
     def __init__(self, request: Request, slot: Slot, epoch: int, now: float) -> None:
         self.request = request
         self.slot = slot
         self.epoch = epoch
+        # its prompt counts as the endpoint's pending prefill until a first token is seen
+        self.awaiting_first = request.stream
         self.active = ActiveRequest(request=request, assigned_at=now)
         self.route: tuple[str, ...] = (slot.endpoint.name,)  # target, then fallbacks
 
@@ -210,7 +212,8 @@ class Datastore:
     # ------------------------------------------------------------------ requests
     def assign(self, idx: int, request: Request, now: float) -> Flight:
         slot = self.slots[idx]
-        fl = Flight(request, slot, note_assigned(slot.state, request.prompt_tokens), now)
+        epoch = note_assigned(slot.state, request.prompt_tokens, awaiting_first=request.stream)
+        fl = Flight(request, slot, epoch, now)
         slot.flights[id(fl)] = fl
         return fl
 
@@ -221,6 +224,9 @@ class Datastore:
         if delta > 0:
             if a.first_token_at is None:
                 a.first_token_at = now
+            if fl.awaiting_first:
+                fl.awaiting_first = False
+                note_first_token(fl.slot.state, fl.request.prompt_tokens)
             a.generated_tokens = generated
             fl.slot.state.inflight_output_tokens += delta
 
@@ -232,7 +238,7 @@ class Datastore:
         if slot.flights.pop(id(fl), None) is None:
             return False
         st = slot.state
-        note_finished(st, fl.request.prompt_tokens, fl.epoch)
+        note_finished(st, fl.request.prompt_tokens, fl.epoch, awaiting_first=fl.awaiting_first)
         st.inflight_output_tokens -= fl.active.generated_tokens
         return True
 
@@ -243,10 +249,10 @@ class Datastore:
             return
         n = fl.request.prompt_tokens
         gen = fl.active.generated_tokens
-        note_finished(old.state, n, fl.epoch)
+        note_finished(old.state, n, fl.epoch, awaiting_first=fl.awaiting_first)
         old.state.inflight_output_tokens -= gen
         fl.slot = slot
-        fl.epoch = note_assigned(slot.state, n)
+        fl.epoch = note_assigned(slot.state, n, awaiting_first=fl.awaiting_first)
         slot.state.inflight_output_tokens += gen
         slot.flights[id(fl)] = fl
 

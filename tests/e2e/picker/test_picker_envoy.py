@@ -103,6 +103,9 @@ def test_requests_land_where_the_picker_says_and_usage_adds_up(
     assert decided == served_by(emus) and sum(decided) == 30
     assert metric(text, "llmpool_completion_tokens_total") == sum(tokens)
     assert metric(text, "llmpool_inflight_requests") == 0
+    # streamed and non-streamed requests alike leave no prefill work behind
+    assert "llmpool_prefill_pending_tokens{" in text
+    assert metric(text, "llmpool_prefill_pending_tokens") == 0
 
 
 class _StubServer:
