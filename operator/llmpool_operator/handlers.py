@@ -291,14 +291,76 @@ def _managed(obj: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Annotation holding the managed fields of the last apply (as kubectl's last-applied): a
+#: field in it that the desired state no longer has was ours and is deleted from the child.
+LAST_APPLIED = f"{GROUP}/last-applied"
+
+
+def removed_fields(last: Any, want: Any) -> dict[str, Any]:
+    """Map keys present in ``last`` but not in ``want``, as a merge-patch fragment of nulls
+    (nested maps recursed; lists are replaced whole by a merge patch, so they never need it)."""
+    out: dict[str, Any] = {}
+    if not isinstance(last, Mapping) or not isinstance(want, Mapping):
+        return out
+    for key, value in last.items():
+        if key not in want:
+            out[key] = None
+        elif isinstance(value, Mapping):
+            sub = removed_fields(value, want[key])
+            if sub:
+                out[key] = sub
+    return out
+
+
+def _present(nulls: Mapping[str, Any], live: Any) -> bool:
+    """Whether any field ``nulls`` deletes is still in ``live``."""
+    if not isinstance(live, Mapping):
+        return False
+    return any(key in live and (value is None or _present(value, live[key])) for key, value in nulls.items())
+
+
+def _merge_nulls(body: dict[str, Any], nulls: Mapping[str, Any]) -> None:
+    for key, value in nulls.items():
+        if value is None:
+            body[key] = None
+        else:
+            _merge_nulls(body.setdefault(key, {}), value)
+
+
+def with_last_applied(desired: Mapping[str, Any]) -> dict[str, Any]:
+    """``desired`` plus the annotation recording its managed fields (pure)."""
+    out = dict(desired)
+    meta = dict(out.get("metadata", {}))
+    annotations = dict(meta.get("annotations", {}) or {})
+    annotations[LAST_APPLIED] = json.dumps(_managed(desired), sort_keys=True, separators=(",", ":"))
+    meta["annotations"] = annotations
+    out["metadata"] = meta
+    return out
+
+
+def _last_applied(live: Mapping[str, Any]) -> dict[str, Any]:
+    raw = (live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
+    if not raw:
+        return {}
+    try:
+        last = json.loads(raw)
+    except ValueError:  # edited by hand: nothing can be pruned safely
+        return {}
+    return last if isinstance(last, dict) else {}
+
+
 def _owner_refs_ok(desired: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
     have = {r.get("uid") for r in live.get("metadata", {}).get("ownerReferences", []) or []}
     want = {r.get("uid") for r in desired.get("metadata", {}).get("ownerReferences", []) or []}
     return want <= have
 
 
-def _patch_body(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+def _patch_body(
+    desired: Mapping[str, Any], live: Mapping[str, Any], nulls: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     body = _managed(desired)
+    if nulls:
+        _merge_nulls(body, nulls)
     live_refs = list(live.get("metadata", {}).get("ownerReferences", []) or [])
     uids = {r.get("uid") for r in live_refs}
     refs = live_refs + [
@@ -310,10 +372,12 @@ def _patch_body(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str
 
 
 def apply_child(kube: KubeAccess, desired: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Create ``desired`` if missing, merge-patch it if a managed field differs; else nothing.
+    """Create ``desired`` if missing, merge-patch it if a managed field differs or a field we
+    applied before is no longer desired (it is deleted); else nothing.
 
     Returns ``(action, live_object)`` with action ``created``, ``patched`` or ``unchanged``.
     """
+    desired = with_last_applied(desired)
     meta = desired["metadata"]
     path = object_path(desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
     live = kube.request("GET", path)
@@ -322,10 +386,15 @@ def apply_child(kube: KubeAccess, desired: Mapping[str, Any]) -> tuple[str, dict
             "POST", object_path(desired["apiVersion"], desired["kind"], meta["namespace"]), body=desired
         )
         return "created", created or dict(desired)
-    if is_subset(_managed(desired), _managed(live)) and _owner_refs_ok(desired, live):
+    nulls = removed_fields(_last_applied(live), _managed(desired))
+    if (
+        is_subset(_managed(desired), _managed(live))
+        and _owner_refs_ok(desired, live)
+        and not _present(nulls, _managed(live))
+    ):
         return "unchanged", live
     patched = kube.request(
-        "PATCH", path, body=_patch_body(desired, live), content_type="application/merge-patch+json"
+        "PATCH", path, body=_patch_body(desired, live, nulls), content_type="application/merge-patch+json"
     )
     return "patched", patched or live
 

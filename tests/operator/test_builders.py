@@ -137,6 +137,9 @@ def test_crd_names_and_subresources() -> None:
     }
     cols = [c["name"] for c in v["additionalPrinterColumns"]]
     assert cols == ["Model", "Ready", "Desired", "Policy", "Phase", "Age"]
+    # --persistence status keeps Kopf's state there: the API server must not prune it
+    kopf_status = v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["kopf"]
+    assert kopf_status["type"] == "object" and kopf_status["x-kubernetes-preserve-unknown-fields"] is True
 
 
 @pytest.mark.parametrize("case", _all_specs(), ids=lambda c: c[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -25,12 +26,15 @@ import pytest
 import yaml
 
 from llmpool_operator.handlers import (
+    LAST_APPLIED,
     OperatorConfig,
     OperatorMetrics,
     build_registry,
     compute_status,
     configure_settings,
     is_subset,
+    removed_fields,
+    with_last_applied,
 )
 from llmpool_operator.spec import parse_spec
 
@@ -96,6 +100,17 @@ def pool_body(**spec_overrides: Any) -> dict[str, Any]:
 
 
 # --- pure pieces -------------------------------------------------------------------------
+
+
+def test_removed_fields_are_nulls_for_map_keys_only() -> None:
+    last = {"spec": {"nodeSelector": {"a": "1", "b": "2"}, "args": ["x", "y"], "gone": 1}, "metadata": {}}
+    want = {"spec": {"nodeSelector": {"a": "1"}, "args": ["x"]}, "metadata": {}}
+    assert removed_fields(last, want) == {"spec": {"nodeSelector": {"b": None}, "gone": None}}
+    assert removed_fields({}, want) == {} and removed_fields(want, want) == {}
+    svc = {"kind": "Service", "metadata": {"name": "s", "labels": {"k": "v"}}, "spec": {"a": 1}}
+    child = with_last_applied(svc)
+    recorded = json.loads(child["metadata"]["annotations"][LAST_APPLIED])
+    assert recorded == {"metadata": {"labels": {"k": "v"}}, "spec": {"a": 1}}
 
 
 def test_is_subset_ignores_server_defaults_and_normalised_quantities() -> None:
@@ -407,6 +422,33 @@ async def test_routing_edit_patches_only_the_configmap_and_engine_edit_only_the_
         await api(kmock, "PATCH", POOL_PATH + "/scale", {"spec": {"replicas": 3}})
         await wait_for(lambda: (stored(kmock, "Deployment", "demo-engine") or {})["spec"]["replicas"] == 3)
         assert writes(kmock, "PATCH", mark) == [CHILD_PATHS["Deployment", "demo-engine"]]
+
+
+@pytest.mark.asyncio
+@pytestmark_kmock
+async def test_a_field_dropped_from_the_spec_is_deleted_from_the_child(kmock: Any, kubeconfig: Path) -> None:
+    support.register_crds(kmock)
+    async with running_operator(kmock):
+        await create_pool_and_settle(kmock, pool_body())
+
+        def pod_spec() -> dict[str, Any]:
+            dep = stored(kmock, "Deployment", "demo-engine") or {}
+            return dict(dep["spec"]["template"]["spec"])
+
+        await api(
+            kmock, "PATCH", POOL_PATH, {"spec": {"accelerator": {"nodeSelector": {"pool": "a", "zone": "z"}}}}
+        )
+        await wait_for(
+            lambda: pod_spec().get("nodeSelector") == {"pool": "a", "zone": "z"}, what="nodeSelector"
+        )
+        await api(kmock, "PATCH", POOL_PATH, {"spec": {"accelerator": {"nodeSelector": {"zone": None}}}})
+        await wait_for(lambda: pod_spec().get("nodeSelector") == {"pool": "a"}, what="one key dropped")
+        await api(kmock, "PATCH", POOL_PATH, {"spec": {"accelerator": {"nodeSelector": None}}})
+        await wait_for(lambda: "nodeSelector" not in pod_spec(), what="nodeSelector dropped")
+        mark = len(list(kmock))
+        await wait_for(lambda: pool_status(kmock).get("observedGeneration") == 4, what="observedGeneration 4")
+        await asyncio.sleep(0.3)
+        assert writes(kmock, "PATCH", mark) == []  # converged: no patch loop on the pruned field
 
 
 @pytest.mark.asyncio
