@@ -43,6 +43,7 @@ def _pool(n: int, active: int, rng: random.Random) -> list[EndpointState]:
             inflight=active,
             inflight_prompt_tokens=sum(a.request.prompt_tokens for a in reqs),
             inflight_output_tokens=sum(a.generated_tokens for a in reqs),
+            prefill_pending_tokens=sum(a.request.prompt_tokens for a in reqs if a.generated_tokens == 0),
         )
         frozen = tuple(reqs)
         st._active_source = lambda frozen=frozen: frozen
