@@ -139,21 +139,26 @@ def _build_modules(torch: Any) -> tuple[type, type]:
             return torch.cat(pooled, dim=1)
 
     class Head(nn.Module):  # type: ignore[misc,name-defined]
-        """mu = median[m] + shift[m] + slope[m] * (emb . w + c * log_prompt_tokens + b);
-        bucket probs from ordinal logits on (mu - ln edge) / sigma[m]."""
+        """mu = median[m] + shift[m] + slope[m] * f(prompt), f a kernel ridge regression:
+        f = sum_i kalpha_i * exp(-kgamma * |x - support_i|^2) + kmean, x = [emb, kscale * numeric_0]
+        (numeric_0 is the log prompt tokens); bucket probs from ordinal logits on
+        (mu - ln edge) / sigma[m]."""
 
-        def __init__(self, n_models: int, k: int, dim: int) -> None:
+        def __init__(self, n_models: int, k: int, dim: int, n_support: int) -> None:
             super().__init__()
             self.dim = dim
             for name, size in (("median", n_models + 1), ("shift", n_models + 1), ("slope", n_models + 1),
-                               ("sigma", n_models + 1), ("w", dim + 2), ("log_edges", k - 1),
+                               ("sigma", n_models + 1), ("kalpha", n_support), ("support_sq", n_support),
+                               ("kmean", 1), ("kgamma", 1), ("kscale", 1), ("log_edges", k - 1),
                                ("alpha", k - 1), ("beta", k - 1)):  # fmt: skip
                 self.register_buffer(name, torch.zeros(size))
+            self.register_buffer("support", torch.zeros(n_support, dim + 1))
 
         def deviation(self, emb: Any, numeric: Any) -> Any:
-            d = self.dim
-            # Mul + ReduceSum, not MatMul: int8 dynamic quantization leaves the head in float.
-            return (emb * self.w[:d]).sum(1) + numeric[:, 0] * self.w[d] + self.w[d + 1]
+            # The head's MatMuls are kept in float when the full graph is quantized (see _quantize).
+            x = torch.cat([emb, self.kscale * numeric[:, :1]], dim=1)
+            d2 = (x * x).sum(1, keepdim=True) + self.support_sq.unsqueeze(0) - 2.0 * (x @ self.support.T)
+            return torch.exp(-self.kgamma * d2.clamp(min=0.0)) @ self.kalpha + self.kmean
 
         def forward(self, emb: Any, model_index: Any, numeric: Any) -> tuple[Any, Any]:
             f = self.deviation(emb, numeric)
@@ -215,13 +220,17 @@ def _load_encoder(torch: Any, minilm_cls: type, d: Path) -> Any:
 
 
 def _quantize(src: Path, dst: Path) -> None:
+    """int8 dynamic quantization of the encoder's weights; the head's nodes stay in float (its
+    kernel regression compares embeddings with stored ones, which int8 would blur)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    head_nodes = [n.name for n in onnx.load(str(src)).graph.node if n.name.startswith("/head/")]
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime.quantization's advice about pre-processing
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=head_nodes)
     finally:
         root.setLevel(level)
 
@@ -325,24 +334,35 @@ def train_encoder(
     ptoks = np.zeros(len(prompts))
     for e in train:
         ptoks[index[prompt_key(e.prompt)]] = math.log1p(e.prompt_tokens) / 8.0
-    xp = np.hstack([unit, ptoks[:, None], np.ones((len(prompts), 1))])
     sums = np.bincount(rows_p, weights=r, minlength=len(prompts))
     counts = np.bincount(rows_p, minlength=len(prompts))
     yp = sums / np.maximum(counts, 1)
 
-    def ridge(ix: npt.NDArray[np.int64], a_: float) -> npt.NDArray[np.float64]:
-        a = xp[ix]
-        reg = a_ * np.eye(a.shape[1])
-        reg[-1, -1] = 0.0
-        sol: npt.NDArray[np.float64] = np.linalg.solve(a.T @ a + reg, a.T @ yp[ix])
-        return sol
+    def feats(scale: float) -> npt.NDArray[np.float64]:
+        return np.hstack([unit, scale * ptoks[:, None]])
+
+    def rbf(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], g: float) -> npt.NDArray[np.float64]:
+        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+        out: npt.NDArray[np.float64] = np.exp(-g * np.maximum(d2, 0.0))
+        return out
+
+    def kernel_ridge(
+        x: npt.NDArray[np.float64], ix: npt.NDArray[np.int64], a_: float, g: float
+    ) -> tuple[npt.NDArray[np.float64], float]:
+        """Dual weights and mean of a kernel ridge regression of ``yp`` on the rows ``ix``."""
+        mean = float(yp[ix].mean())
+        sol = np.linalg.solve(rbf(x[ix], x[ix], g) + a_ * np.eye(len(ix)), yp[ix] - mean)
+        return np.asarray(sol, np.float64), mean
 
     fold = np.asarray([int(_unit(seed + 104729, p) * 5) for p in prompts])
 
-    def out_of_fold(a_: float) -> npt.NDArray[np.float64]:
+    def out_of_fold(a_: float, g: float, scale: float) -> npt.NDArray[np.float64]:
+        x = feats(scale)
         f = np.zeros(len(prompts))
         for j in range(5):
-            f[fold == j] = xp[fold == j] @ ridge(np.flatnonzero(fold != j), a_)
+            fit = np.flatnonzero(fold != j)
+            sol, mean = kernel_ridge(x, fit, a_, g)
+            f[fold == j] = rbf(x[fold == j], x[fit], g) @ sol + mean
         return f
 
     by_model = np.argsort(rows_m, kind="stable")
@@ -365,11 +385,18 @@ def train_encoder(
         shift[nm] = float(np.median(resid))
         return slope, shift, resid - shift[rows_m]
 
-    if alpha is None:  # 5-fold cross-validation by prompt: the rows' out-of-fold MAE of log length
-        grid = (0.3, 1.0, 3.0, 10.0, 30.0)
-        alpha = min(grid, key=lambda a_: float(np.mean(np.abs(calibrate(out_of_fold(a_))[2]))))
-    w = ridge(np.arange(len(prompts)), alpha)
-    slope, shift, oof = calibrate(out_of_fold(alpha))
+    # 5-fold cross-validation by prompt of the penalty, the kernel width and the weight of the
+    # prompt length: the rows' out-of-fold MAE of log length
+    grid = [
+        (a_, g, s)
+        for a_ in ((0.1, 0.3, 1.0) if alpha is None else (alpha,))
+        for g in (0.5, 1.0, 2.0)
+        for s in (1.0, 4.0)
+    ]
+    alpha, gamma, scale = min(grid, key=lambda c: float(np.mean(np.abs(calibrate(out_of_fold(*c))[2]))))
+    support = feats(scale)
+    kalpha, kmean = kernel_ridge(support, np.arange(len(prompts)), alpha, gamma)
+    slope, shift, oof = calibrate(out_of_fold(alpha, gamma, scale))
     steps.update()
     sigma, per_model = sigma_table([e.model for e in train], oof)
     sig = np.asarray([per_model.get(m, sigma) for m in models] + [sigma])
@@ -396,9 +423,11 @@ def train_encoder(
         opt.step(closure)
         al[j], be[j] = (float(v) for v in ab.detach())
     steps.update()
-    head = head_cls(nm, k, unit.shape[1])
+    head = head_cls(nm, k, unit.shape[1], len(prompts))
     with torch.no_grad():
-        for name, val in (("median", med), ("shift", shift), ("slope", slope), ("sigma", sig), ("w", w),
+        for name, val in (("median", med), ("shift", shift), ("slope", slope), ("sigma", sig),
+                          ("kalpha", kalpha), ("kmean", [kmean]), ("kgamma", [gamma]), ("kscale", [scale]),
+                          ("support", support), ("support_sq", (support * support).sum(1)),
                           ("log_edges", log_edges), ("alpha", al), ("beta", be)):  # fmt: skip
             getattr(head, name).copy_(torch.from_numpy(np.asarray(val, np.float64)).float())
     head.eval()
@@ -497,6 +526,7 @@ def train_encoder(
                 "models": len(models),
                 "seed": seed,
                 "alpha": alpha,
+                "kernel": {"kind": "rbf", "gamma": gamma, "prompt_tokens_scale": scale},
                 "oof_mae_log": round(oof_mae, 6),
                 "split": split,
             },
