@@ -16,8 +16,10 @@ closed form because an MLP trained on ~600 distinct prompts (each seen with 200+
 overfits them within one epoch:
 
 * expected-length head: ``log_len = median[m] + shift[m] + slope[m] * f(prompt)``, where
-  ``median[m]`` is the model's median log length, ``f`` a ridge regression of the prompt's mean
-  deviation from the model medians on the unit-normalised embedding and log prompt tokens,
+  ``median[m]`` is the model's median log length, ``f`` a kernel ridge regression (RBF) of the
+  prompt's mean deviation from the model medians on the unit-normalised embedding with the log
+  prompt tokens appended (penalty, width and the prompt length's weight chosen by 5-fold
+  cross-validation by prompt; the training prompts' embeddings are stored in the head),
   ``slope[m]`` how strongly model ``m`` follows ``f`` (least squares on out-of-fold ``f``), and
   ``shift[m]`` the median of what is left (so the head predicts the median of ``log L``);
 * bucket head: ordinal, ``P(L >= edge_j) = sigmoid(alpha_j * (log_len - ln edge_j) / sigma[m] +
@@ -27,7 +29,8 @@ overfits them within one epoch:
 The exported graph takes ``input_ids``, ``attention_mask``, ``model_index`` and ``numeric``
 and returns ``log_len`` and ``bucket_probs``, like the fast tier's outputs. It is exported with
 torch's ONNX exporter, checked against torch on fixed inputs, and quantized to int8 with
-``onnxruntime.quantization.quantize_dynamic``. The tokenizer file is copied beside it.
+``onnxruntime.quantization.quantize_dynamic`` (the head's nodes stay in float). The tokenizer
+file is copied beside it.
 """
 
 from __future__ import annotations
