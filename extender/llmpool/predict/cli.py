@@ -93,7 +93,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(default 4,5)",
     )
     t.add_argument(
-        "--ridge", type=float, default=None, help="encoder: ridge penalty of the head (default: 5-fold CV)"
+        "--ridge", type=float, default=None, help="encoder: kernel head penalty (default: 5-fold CV)"
     )
     t.set_defaults(func=run, predictor_func=_train)
 
