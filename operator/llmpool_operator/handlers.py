@@ -386,12 +386,9 @@ def apply_child(kube: KubeAccess, desired: Mapping[str, Any]) -> tuple[str, dict
             "POST", object_path(desired["apiVersion"], desired["kind"], meta["namespace"]), body=desired
         )
         return "created", created or dict(desired)
-    nulls = removed_fields(_last_applied(live), _managed(desired))
-    if (
-        is_subset(_managed(desired), _managed(live))
-        and _owner_refs_ok(desired, live)
-        and not _present(nulls, _managed(live))
-    ):
+    want, have = _managed(desired), _managed(live)
+    nulls = removed_fields(_last_applied(live), want)
+    if is_subset(want, have) and _owner_refs_ok(desired, live) and not _present(nulls, have):
         return "unchanged", live
     patched = kube.request(
         "PATCH", path, body=_patch_body(desired, live, nulls), content_type="application/merge-patch+json"
