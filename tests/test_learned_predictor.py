@@ -437,7 +437,7 @@ def tiny_encoder(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     train, test = split_by_prompt(load_jsonl(tiny), 0.25, 0)
     out = tmp_path_factory.mktemp("enc") / "encoder.onnx"
     # train_encoder itself checks the fp32 ONNX graph against torch on fixed inputs (atol 1e-3).
-    return train_encoder(train, out, max_length=64, progress=False), test
+    return train_encoder(train, out, max_length=64, epochs=1, progress=False), test
 
 
 def test_encoder_tier_serves_through_the_interface(tiny_encoder: tuple[Path, list[Example]]) -> None:
@@ -446,7 +446,7 @@ def test_encoder_tier_serves_through_the_interface(tiny_encoder: tuple[Path, lis
     path, test = tiny_encoder
     model = load_model(path)
     assert isinstance(model, EncoderModel)
-    assert json.loads(path.with_suffix(".json").read_text())["encoder"]["fine_tuning"].startswith("head only")
+    assert json.loads(path.with_suffix(".json").read_text())["encoder"]["fine_tuning"].startswith("full")
     rows = [(e.prompt, e.prompt_tokens, e.max_tokens, e.model, e.task) for e in test]
     mu_many, p_many = model.infer_many(rows)  # head graph on cached embeddings
     for i, r in enumerate(rows[:6]):
@@ -463,6 +463,39 @@ def test_encoder_tier_serves_through_the_interface(tiny_encoder: tuple[Path, lis
     assert lp.predict(r).source == "learned-encoder"
     p_fin, rem = lp.termination(r, 10, 80)
     assert 0.0 <= p_fin <= 1.0 and 1.0 <= rem <= 80.0
+
+
+def test_encoder_fine_tuning_is_deterministic_and_moves_only_the_tuned_layers(
+    tiny_encoder: tuple[Path, list[Example]],
+) -> None:
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+
+    from llmpool.predict.encoder import _build_modules, _fine_tune, _load_encoder, package_dir
+    from llmpool.predict.runtime import encode_prompt
+
+    d = package_dir()
+    base = _load_encoder(torch, _build_modules(torch)[0], d)
+    base.pool_layers = (2,)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    texts = ("Write a poem.", "List three primes.", "Translate 'cat'.", "Hi")
+    ids = [encode_prompt(tok, t, 32)[0] for t in texts]
+    target = np.asarray([0.5, -0.5, 0.2, -0.1])
+    ptoks = np.zeros(4)
+    rows = np.arange(3)
+    tune = _fine_tune
+    a, b = (tune(torch, base, ids, target, ptoks, rows, epochs=2, lr=1e-4, seed=7, batch=1) for _ in "xy")
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name  # same seed, same weights
+        assert not pa.requires_grad
+    base_params = dict(base.named_parameters())
+    moved = {n for n, p in a.named_parameters() if not torch.equal(p, base_params[n])}
+    assert "layers.0.q.weight" in moved and "layers.1.up.weight" in moved
+    assert not any(n.startswith(("layers.2.", "layers.5.")) for n in moved)  # past the pooled layer
+    assert all(not p.requires_grad for p in base.parameters())  # the base is not touched
+    c = tune(torch, base, ids, target, ptoks, rows, epochs=2, lr=1e-4, seed=8, batch=1)
+    assert not torch.equal(c.layers[0]["q"].weight, a.layers[0]["q"].weight)
 
 
 def test_encoder_tier_is_blocking_and_predicts_off_the_loop(tiny_encoder: tuple[Path, list[Example]]) -> None:

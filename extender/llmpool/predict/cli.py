@@ -95,6 +95,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument(
         "--ridge", type=float, default=None, help="encoder: kernel head penalty (default: 5-fold CV)"
     )
+    t.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="encoder: epochs of full fine-tuning (default 3; 0 freezes the encoder: head only, ~20 s)",
+    )
+    t.add_argument("--lr", type=float, default=3e-5, help="encoder: fine-tuning learning rate (default 3e-5)")
+    t.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="encoder: seed of the cross-validation folds and the fine-tuning order (default: --seed, "
+        "which also seeds the split)",
+    )
     t.set_defaults(func=run, predictor_func=_train)
 
     e = sub.add_parser("eval", help="score model files and baselines on prompts unseen in training")
@@ -188,6 +202,8 @@ def _train(args: argparse.Namespace) -> int:
         raise PredictError(f"--out must end in .onnx, got {out}")
     if not args.alpha > 0 or not args.c > 0 or (args.ridge is not None and not args.ridge > 0):
         raise PredictError("--alpha, --C and --ridge must be positive")
+    if args.epochs < 0 or not args.lr > 0:
+        raise PredictError(f"--epochs must be >= 0 and --lr positive, got {args.epochs} and {args.lr}")
     if not 8 <= args.max_length <= 512:
         raise PredictError(f"--max-length must be in [8, 512], got {args.max_length}")
     if args.tier == "fast":
@@ -211,10 +227,12 @@ def _train(args: argparse.Namespace) -> int:
             train,
             out,
             edges=args.edges,
-            seed=args.seed,
+            seed=args.seed if args.train_seed is None else args.train_seed,
             max_length=args.max_length,
             alpha=args.ridge,
             layers=args.layers,
+            epochs=args.epochs,
+            lr=args.lr,
             split=split,
         )
     print(

