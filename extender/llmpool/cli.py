@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC implementation serving ext_proc and health: grpclib (default; on the event loop, "
         "the faster) or grpcio (grpc.aio, gRPC's C core)",
     )
+    x.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="asyncio event loop: uvloop when installed (auto, the default), or the standard one",
+    )
     x.add_argument("--log-format", choices=("json", "text"), default="json", help="log format (default json)")
     x.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     x.set_defaults(func=_cmd_extender)
@@ -440,6 +446,7 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
 def _cmd_extender(args: argparse.Namespace) -> int:
     import asyncio
 
+    from llmpool.aio import loop_factory
     from llmpool.logs import setup_logging
     from llmpool.picker.config import PickerConfig, load_config
     from llmpool.picker.discovery import PodSource, StaticSource
@@ -480,7 +487,12 @@ def _cmd_extender(args: argparse.Namespace) -> int:
     )
     server = PickerServer(cfg, source, opts, config_path=args.config)
     try:
-        asyncio.run(server.run())
+        factory = loop_factory(args.event_loop)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(server.run())
     except OSError as err:
         raise _UsageError(f"cannot serve: {err.strerror or err}") from None
     return 0

@@ -845,7 +845,7 @@ def _start_backend(workdir: Path, envoy: str, concurrency: int) -> tuple[_Child,
 
 
 def _start_picker(
-    workdir: Path, policy: str, backend_port: int, transport: str = "grpclib"
+    workdir: Path, policy: str, backend_port: int, transport: str = "grpclib", event_loop: str = "auto"
 ) -> tuple[_Child, dict[str, int]]:
     import grpc
     import yaml
@@ -871,6 +871,8 @@ def _start_picker(
         f"127.0.0.1:{backend_port}",
         "--transport",
         transport,
+        "--event-loop",
+        event_loop,
     ]
     if policy != FLOOR:
         cmd = [
@@ -899,6 +901,8 @@ def _start_picker(
             "1",
             "--transport",
             transport,
+            "--event-loop",
+            event_loop,
         ]
     child = _Child(f"picker-{policy}", cmd, workdir / f"picker-{policy}.log", env=env)
     deadline = time.monotonic() + 30
@@ -1396,14 +1400,14 @@ class _EnvoyRun:
             pids = {"gateway": gw.pid, "backend": self.backend.pid}
             self._load("envoy, no picker", spec.listen_port, pids, "envoy: load")
 
-    def with_picker(self, policy: str, transport: str = "grpclib") -> None:
+    def with_picker(self, policy: str, transport: str = "grpclib", event_loop: str = "auto") -> None:
         from llmpool import gateway
 
         assert self.backend is not None
         o = self.opts
-        label = f"{policy}, {transport}"
+        label = f"{policy}, {transport}" + ("" if event_loop == "auto" else f", {event_loop} loop")
         name = f"envoy + picker ({label})"
-        picker, ports = _start_picker(self.workdir, policy, self.backend_port, transport)
+        picker, ports = _start_picker(self.workdir, policy, self.backend_port, transport, event_loop)
         try:
             pid = picker.pid
             samples: dict[str, Any] = {"policy": label, "pid": pid, "start": _rss_mib(pid)}
@@ -1470,6 +1474,7 @@ def run_envoy(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str, A
         raise BenchError(f"the Envoy binary {envoy} does not exist")
     policies = _policy_list(opts.envoy_policies, "--envoy-policies")
     transports = _transport_list(opts.transports)
+    loops = _event_loop_list(opts.event_loops)
     wrk = shutil.which("wrk") if opts.client in ("auto", "wrk") else None
     if opts.client == "wrk" and wrk is None:
         raise BenchError("--client wrk: wrk is not installed")
@@ -1496,7 +1501,8 @@ def run_envoy(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str, A
             run.no_picker()
             for pol in ([FLOOR] if opts.floor else []) + policies:
                 for transport in transports:
-                    run.with_picker(pol, transport)
+                    for loop in loops:
+                        run.with_picker(pol, transport, loop)
     except gateway.GatewayError as err:
         raise BenchError(f"gateway: {err}") from None
     finally:
@@ -1692,6 +1698,23 @@ def _policy_list(text: str, flag: str) -> list[str]:
     return vals
 
 
+def _event_loop_list(text: str) -> list[str]:
+    from llmpool.aio import EVENT_LOOPS, loop_factory
+
+    loops = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in loops if t not in EVENT_LOOPS]
+    if bad or not loops:
+        raise BenchError(
+            f"--event-loops: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(EVENT_LOOPS)}"
+        )
+    for t in loops:
+        try:
+            loop_factory(t)
+        except ValueError as err:
+            raise BenchError(f"--event-loops: {err}") from None
+    return loops
+
+
 def _transport_list(text: str) -> list[str]:
     from llmpool.picker.transport import TRANSPORTS
 
@@ -1747,6 +1770,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default="grpclib",
         help="picker gRPC transports to run each policy on: grpclib, grpcio or both, comma-separated "
         "(default grpclib)",
+    )
+    e.add_argument(
+        "--event-loops",
+        default="auto",
+        help="event loops to run each policy on: auto (uvloop when installed, the picker's default), "
+        "uvloop, asyncio, comma-separated (default auto)",
     )
     e.add_argument(
         "--floor",

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from llmpool.aio import EVENT_LOOPS, run
 from llmpool.picker import protocol
 from llmpool.picker.servicer import ExtProcServicer
 from llmpool.picker.transport import TRANSPORTS, Listen, make_transport
@@ -74,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--health-port", type=int, required=True)
     p.add_argument("--destination", required=True, help="ip:port every request is routed to")
     p.add_argument("--transport", choices=TRANSPORTS, default=TRANSPORTS[0])
+    p.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto")
     a = p.parse_args(argv)
-    asyncio.run(serve(a.port, a.health_port, a.destination, a.transport))
+    run(serve(a.port, a.health_port, a.destination, a.transport), a.event_loop)
 
 
 if __name__ == "__main__":
