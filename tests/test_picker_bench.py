@@ -120,6 +120,11 @@ def test_unknown_transport_is_a_clean_error(capsys: pytest.CaptureFixture[str]) 
     assert "--transports: unknown h3; choose from grpclib, grpcio" in capsys.readouterr().err
 
 
+def test_unknown_event_loop_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--part", "envoy", "--event-loops", "auto,tokio", "--no-progress"]) == 2
+    assert "--event-loops: unknown tokio; choose from auto, uvloop, asyncio" in capsys.readouterr().err
+
+
 def test_cli_hook() -> None:
     parser = argparse.ArgumentParser(prog="llmpool")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1698,15 +1698,20 @@ def _policy_list(text: str, flag: str) -> list[str]:
     return vals
 
 
+def _choices(text: str, flag: str, known: Sequence[str]) -> list[str]:
+    """A comma-separated list of names from ``known``; anything else is one error naming the flag."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in known]
+    if bad or not names:
+        unknown = ", ".join(bad) or "(none given)"
+        raise BenchError(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
+    return names
+
+
 def _event_loop_list(text: str) -> list[str]:
     from llmpool.aio import EVENT_LOOPS, loop_factory
 
-    loops = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in loops if t not in EVENT_LOOPS]
-    if bad or not loops:
-        raise BenchError(
-            f"--event-loops: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(EVENT_LOOPS)}"
-        )
+    loops = _choices(text, "--event-loops", EVENT_LOOPS)
     for t in loops:
         try:
             loop_factory(t)
@@ -1718,13 +1723,7 @@ def _event_loop_list(text: str) -> list[str]:
 def _transport_list(text: str) -> list[str]:
     from llmpool.picker.transport import TRANSPORTS
 
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in TRANSPORTS]
-    if bad or not names:
-        raise BenchError(
-            f"--transports: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(TRANSPORTS)}"
-        )
-    return names
+    return _choices(text, "--transports", TRANSPORTS)
 
 
 def _positive(text: str) -> int:
