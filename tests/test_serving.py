@@ -13,10 +13,10 @@ from llmpool.routing.policy import Policy
 from llmpool.routing.profile import load_profile
 from llmpool.routing.types import HOLD, Decision, PoolView, Request, Route
 from llmpool.serving.calibrate import calibrate
-from llmpool.serving.compare import build_policy, simulate
+from llmpool.serving.compare import build_policy, request_rows, simulate, simulate_run
 from llmpool.serving.datastore import Datastore, Endpoint
 from llmpool.serving.dispatch import Dispatcher, DispatchError
-from llmpool.serving.replay import prompt_ids, replay
+from llmpool.serving.replay import LiveResult, prompt_ids, replay
 from llmpool.serving.scrape import EngineMetrics, ServerMetrics
 
 
@@ -234,18 +234,29 @@ def test_replay_through_emulators_matches_the_simulator() -> None:
     profile = load_profile("a100-llama3-8b")
     w = synthetic(_spec(), n=40, rate=20.0, seed=3)
 
-    async def main() -> tuple[float, float, list[int], int]:
+    async def main() -> LiveResult:
         cfg = EmulatorConfig(profile=profile)
         async with running(cfg) as a, running(cfg) as b:
             eps = [Endpoint.parse(a.url), Endpoint.parse(b.url)]
-            res = await replay(w, eps, build_policy("round-robin", profile, 0))
-            return res.summary.e2e_mean_s, res.summary.ttft_mean_s, res.per_endpoint, res.errors
+            return await replay(w, eps, build_policy("round-robin", profile, 0))
 
-    e2e, ttft, per_ep, errors = asyncio.run(main())
-    sim = simulate(w, "round-robin", profile, 2, 0)
-    assert errors == 0 and per_ep == [20, 20]
-    assert e2e == pytest.approx(sim.e2e_mean_s, rel=0.15)
-    assert ttft < sim.ttft_mean_s + 0.05
+    res = asyncio.run(main())
+    run = simulate_run(w, "round-robin", profile, 2, 0)
+    sim = run.summary
+    assert sim == simulate(w, "round-robin", profile, 2, 0)
+    assert res.errors == 0 and res.per_endpoint == [20, 20]
+    assert res.summary.e2e_mean_s == pytest.approx(sim.e2e_mean_s, rel=0.15)
+    assert res.summary.ttft_mean_s < sim.ttft_mean_s + 0.05
+    # --records: one row per request and side, the same requests on both sides
+    rows = request_rows("round-robin", res, run)
+    live_rows = [r for r in rows if r["side"] == "live"]
+    sim_rows = [r for r in rows if r["side"] == "sim"]
+    assert len(live_rows) == len(sim_rows) == 40
+    assert {r["rid"] for r in live_rows} == {r["rid"] for r in sim_rows}
+    assert sorted(r["endpoint"] for r in live_rows) == [0] * 20 + [1] * 20
+    for r in rows:
+        assert 0.0 < r["ttft_s"] <= r["e2e_s"] and r["output"] >= 1 and not r["error"]
+    assert sum(r["e2e_s"] for r in sim_rows) / 40 == pytest.approx(sim.e2e_mean_s, rel=1e-4)
 
 
 def test_calibrate_recovers_the_emulators_profile() -> None:

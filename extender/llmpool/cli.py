@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between two /metrics scrapes of each server, live and in the simulator "
                    "(default 0.05, the picker's)")  # fmt: skip
     r.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    r.add_argument(
+        "--records",
+        metavar="OUT",
+        help="write one JSON line per request and side (live, sim): arrival, TTFT, E2E, tokens",
+    )
     r.set_defaults(func=_cmd_replay)
 
     c = sub.add_parser(
@@ -589,6 +594,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         compare.build_policy(pol, profile, args.seed)  # validate every policy before any traffic
     workload = load_workload(args.workload, n=args.requests, rate=args.rate, seed=args.seed)
     rows: list[compare.ComparisonRow] = []
+    records: list[dict[str, Any]] = []
     for pol in policies:
         bar = tqdm(total=len(workload), unit="req", desc=f"live {pol}", file=sys.stderr, disable=None)
 
@@ -611,13 +617,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
-        sim = (
-            compare.simulate(
+        sim_run = (
+            compare.simulate_run(
                 workload, pol, profile, len(endpoints), args.seed, scrape_interval_s=args.scrape_interval
             )
             if profile
             else None
         )
+        sim = sim_run.summary if sim_run else None
+        records += compare.request_rows(pol, live, sim_run)
         rows.append(compare.ComparisonRow(pol, live.summary, sim, live.errors, live.per_endpoint))
         if live.errors:
             first = next(r.error for r in live.records if r.error)
@@ -626,6 +634,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
         print(f"results: {args.json}")
+    if args.records:
+        Path(args.records).write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"per-request records: {args.records}")
     return 0
 
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmpool.lab.metrics import RunSummary
-from llmpool.lab.sim import SimConfig, Simulator, make_rng
+from llmpool.lab.sim import RunResult, SimConfig, Simulator, make_rng
 from llmpool.lab.workload import Workload
 from llmpool.routing import builtin_registry
 from llmpool.routing.policy import PolicyConfig, PolicyContext
-from llmpool.routing.profile import Profile
+from llmpool.routing.profile import PS_PER_S, Profile
 from llmpool.serving.datastore import Endpoint
 from llmpool.serving.replay import LiveResult, replay
 
@@ -41,13 +41,41 @@ def build_policy(spec: str | PolicyConfig, profile: Profile | None, seed: int) -
     return builtin_registry().build(spec if isinstance(spec, PolicyConfig) else PolicyConfig.parse(spec), ctx)
 
 
-def simulate(workload: Workload, policy_spec: str | PolicyConfig, profile: Profile, instances: int,
-             seed: int, *, scrape_interval_s: float = 0.05) -> RunSummary:  # fmt: skip
+def simulate_run(workload: Workload, policy_spec: str | PolicyConfig, profile: Profile, instances: int,
+                 seed: int, *, scrape_interval_s: float = 0.05) -> RunResult:  # fmt: skip
+    """The simulated run of ``workload``: its summary and per-request log."""
     policy = build_policy(policy_spec, profile, seed)
     for it in workload.items:
         it.request.prediction = None
     cfg = SimConfig(instances=instances, scrape_interval_s=scrape_interval_s)
-    return Simulator(profile, policy, cfg).run(workload.items).summary
+    return Simulator(profile, policy, cfg).run(workload.items)
+
+
+def simulate(workload: Workload, policy_spec: str | PolicyConfig, profile: Profile, instances: int,
+             seed: int, *, scrape_interval_s: float = 0.05) -> RunSummary:  # fmt: skip
+    run = simulate_run(workload, policy_spec, profile, instances, seed, scrape_interval_s=scrape_interval_s)
+    return run.summary
+
+
+def request_rows(policy: str, live: LiveResult | None, sim: RunResult | None) -> list[dict[str, Any]]:
+    """One row per request and side (live, sim), seconds from the run's start: what
+    ``llmpool replay --records`` writes, to see which requests the simulator gets wrong."""
+    rows: list[dict[str, Any]] = []
+    for r in live.records if live else []:
+        rows.append({"policy": policy, "side": "live", "rid": r.rid, "endpoint": r.endpoint,
+                     "arrival_s": round(r.arrival, 6), "ttft_s": round(r.first - r.arrival, 6),
+                     "e2e_s": round(r.finish - r.arrival, 6), "prompt": r.prompt, "output": r.output,
+                     "error": r.error})  # fmt: skip
+    if sim is not None:
+        log = sim.log
+        for i in range(len(log)):
+            arrival = log.arrival[i] / PS_PER_S
+            first, finish = log.first[i] / PS_PER_S, log.finish[i] / PS_PER_S
+            rows.append({"policy": policy, "side": "sim", "rid": log.rid[i], "endpoint": None,
+                         "arrival_s": round(arrival, 6), "ttft_s": round(first - arrival, 6),
+                         "e2e_s": round(finish - arrival, 6), "prompt": log.prompt[i],
+                         "output": log.output[i], "error": ""})  # fmt: skip
+    return rows
 
 
 async def live_run(
