@@ -49,6 +49,11 @@ def test_bad_records_are_one_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     p = _write(tmp_path, [_row("rr", "live", 0, 0, 0.0, 1.0, 2.0), "{not json"])
     assert main([str(p)]) == 2
     assert f"{p}:2: not a replay record" in capsys.readouterr().err
+    no_ttft = json.loads(_row("rr", "sim", 0, None, 0.0, 1.0, 2.0))
+    del no_ttft["ttft_s"]
+    p = _write(tmp_path, [_row("rr", "live", 0, 0, 0.0, 1.0, 2.0), json.dumps(no_ttft)])
+    assert main([str(p)]) == 2
+    assert f"{p}:2: not a replay record (bad or missing 'ttft_s')" in capsys.readouterr().err
     rr, imp = _row("rr", "live", 0, 0, 0.0, 1.0, 2.0), _row("impact", "live", 0, 0, 0.0, 1.0, 2.0)
     two = _write(tmp_path, [rr, imp])
     assert main([str(two)]) == 2

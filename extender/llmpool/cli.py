@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpool import __version__
+from llmpool.aio import EVENT_LOOPS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--event-loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
         default="auto",
         help="asyncio event loop: uvloop when installed (auto, the default), or the standard one",
     )
@@ -449,9 +450,7 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_extender(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from llmpool.aio import loop_factory
+    from llmpool.aio import loop_factory, run
     from llmpool.logs import setup_logging
     from llmpool.picker.config import PickerConfig, load_config
     from llmpool.picker.discovery import PodSource, StaticSource
@@ -492,12 +491,11 @@ def _cmd_extender(args: argparse.Namespace) -> int:
     )
     server = PickerServer(cfg, source, opts, config_path=args.config)
     try:
-        factory = loop_factory(args.event_loop)
+        loop_factory(args.event_loop)  # an unusable loop is a usage error, before anything starts
     except ValueError as err:
         raise _UsageError(str(err)) from None
     try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(server.run())
+        run(server.run(), args.event_loop)
     except OSError as err:
         raise _UsageError(f"cannot serve: {err.strerror or err}") from None
     return 0

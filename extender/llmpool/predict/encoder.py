@@ -44,7 +44,7 @@ import logging
 import math
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +287,7 @@ def _fine_tune(
     lr: float,
     seed: int,
     batch: int = 16,
-    on_batch: Any = None,
+    on_batch: Callable[[int], object] | None = None,
 ) -> Any:
     """A copy of ``base`` fine-tuned end to end on the prompts ``rows``: a linear head on the
     pooled embedding and the log prompt tokens regresses each prompt's mean deviation from the

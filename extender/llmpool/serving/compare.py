@@ -68,12 +68,11 @@ def request_rows(policy: str, live: LiveResult | None, sim: RunResult | None) ->
                      "error": r.error})  # fmt: skip
     if sim is not None:
         log = sim.log
+        ttft, e2e = log.ttft_s(), log.e2e_s()
         for i in range(len(log)):
-            arrival = log.arrival[i] / PS_PER_S
-            first, finish = log.first[i] / PS_PER_S, log.finish[i] / PS_PER_S
             rows.append({"policy": policy, "side": "sim", "rid": log.rid[i], "endpoint": None,
-                         "arrival_s": round(arrival, 6), "ttft_s": round(first - arrival, 6),
-                         "e2e_s": round(finish - arrival, 6), "prompt": log.prompt[i],
+                         "arrival_s": round(log.arrival[i] / PS_PER_S, 6), "ttft_s": round(float(ttft[i]), 6),
+                         "e2e_s": round(float(e2e[i]), 6), "prompt": log.prompt[i],
                          "output": log.output[i], "error": ""})  # fmt: skip
     return rows
 

@@ -23,6 +23,7 @@ import numpy.typing as npt
 __all__ = ["Paired", "load_paired", "neighbour_busy", "report"]
 
 F64 = npt.NDArray[np.float64]
+_NUMBERS = ("arrival_s", "ttft_s", "e2e_s", "prompt", "output")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +52,12 @@ def load_paired(path: str | Path, policy: str | None = None) -> Paired:
             try:
                 row = json.loads(line)
                 pol, side, rid = str(row["policy"]), row["side"], int(row["rid"])
+                for key in _NUMBERS:
+                    float(row[key])
+                if side == "live":
+                    int(row["endpoint"])
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: not a replay record ({err})") from None
+                raise ValueError(f"{path}:{n}: not a replay record (bad or missing {err})") from None
             policies.add(pol)
             if policy is not None and pol != policy:
                 continue
