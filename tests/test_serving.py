@@ -273,3 +273,61 @@ def test_calibrate_recovers_the_emulators_profile() -> None:
     assert c0 == pytest.approx(truth.linear.c0_ms + truth.overhead_ms, rel=0.15)
     assert c2 == pytest.approx(truth.linear.c2_us_per_token, rel=0.15)
     assert frontend < 10.0
+
+
+def test_step_ratios_pair_the_decode_steps_of_both_sweeps() -> None:
+    from llmpool.serving.calibrate import Probe, step_ratios
+
+    idle = [
+        Probe("prefill", 64, 0.1, 0.02, 64.0),
+        Probe("decode", 4, step_s=0.03),
+        Probe("decode", 8, step_s=0.05),  # not measured busy: no ratio
+    ]
+    busy = [Probe("prefill", 64, 0.2, 0.03, 64.0), Probe("decode", 4, step_s=0.036)]
+    want = [("decode1", 64, pytest.approx(1.5)), ("decodeB", 4, pytest.approx(1.2))]
+    assert step_ratios(idle, busy) == want
+
+
+def test_calibrate_with_a_busy_neighbour_fits_the_host_contention() -> None:
+    import aiohttp
+
+    from llmpool.serving.calibrate import CalibrationError
+    from llmpool.serving.scrape import parse_vllm_metrics
+
+    profile = load_profile("a100-llama3-8b")
+
+    async def generated(url: str) -> float:
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+            return parse_vllm_metrics(await r.text()).engine("0").generation_tokens
+
+    async def main() -> None:
+        cfg = EmulatorConfig(profile=profile)
+        async with running(cfg) as a, running(cfg) as b:
+            with pytest.raises(CalibrationError, match="is the server being calibrated"):
+                await calibrate(a.url, neighbour=a.url)
+            before = await generated(b.url)
+            cal = await calibrate(a.url, repeats=2, max_batch=4, neighbour=b.url, neighbour_streams=2)
+            # the neighbour really worked: 2 streams of 128 tokens, again and again
+            assert await generated(b.url) - before >= 256
+            host = cal.profile.host
+            assert host.servers_per_host == 2
+            assert [(k, n) for k, n, _ in cal.ratios] == [
+                ("decode1", p) for p in (16, 64, 128, 256, 512, 1024, 1536, 2048)
+            ] + [("decodeB", n) for n in (1, 2, 4)]
+            med = sorted(r for *_, r in cal.ratios)[len(cal.ratios) // 2]
+            assert host.slowdown_per_busy_neighbour == pytest.approx(max(0.0, med - 1.0), abs=1e-4)
+            assert "kept busy" in cal.profile.provenance.source
+            assert "slowdown per busy neighbour" in cal.table()
+
+    asyncio.run(main())
+
+
+def test_calibrate_names_an_unreachable_neighbour() -> None:
+    from llmpool.serving.calibrate import CalibrationError
+
+    async def main() -> None:
+        async with running(EmulatorConfig(profile=load_profile("a100-llama3-8b"))) as a:
+            with pytest.raises(CalibrationError, match=r"127\.0\.0\.1:9: cannot reach the server"):
+                await calibrate(a.url, neighbour="http://127.0.0.1:9")
+
+    asyncio.run(main())

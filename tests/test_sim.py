@@ -767,3 +767,67 @@ def test_a_policy_that_holds_forever_is_an_error_not_a_hang() -> None:
         Simulator(load_profile("a100-llama3-8b"), HoldAlways(), SimConfig(instances=2)).run(
             [item(0, 0.0, 10, 5)]
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Host contention: servers sharing a host's cores step slower while their neighbours work
+# --------------------------------------------------------------------------------------------
+
+
+def contended(slowdown: float, per_host: int = 2):  # type: ignore[no-untyped-def]
+    from llmpool.routing.profile import HostContention
+
+    return PROFILE.model_copy(
+        update={"host": HostContention(servers_per_host=per_host, slowdown_per_busy_neighbour=slowdown)}
+    )
+
+
+def run_on(profile: Any, items: list[WorkloadItem], mapping: dict[int, int], **cfg: Any) -> RunResult:
+    return Simulator(profile, ById(mapping), SimConfig(**cfg)).run(items)
+
+
+@pytest.mark.parametrize("ff", [True, False])
+def test_a_server_alone_on_its_host_runs_at_profile_speed(ff: bool) -> None:
+    items = [item(0, 0.0, 500, 100), item(1, 0.0, 500, 100)]
+    plain = run_on(PROFILE, items, {0: 0, 1: 2}, instances=4, fast_forward=ff)
+    # endpoints 0 and 2 are on different hosts (0-1, 2-3): nothing changes
+    other_hosts = run_on(contended(0.5), items, {0: 0, 1: 2}, instances=4, fast_forward=ff)
+    assert log_rows(other_hosts) == log_rows(plain)
+    alone = run_on(contended(0.5), items[:1], {0: 0}, instances=2, fast_forward=ff)
+    assert log_rows(alone) == log_rows(plain)[:1]
+
+
+@pytest.mark.parametrize("ff", [True, False])
+def test_busy_neighbours_stretch_every_step(ff: bool) -> None:
+    items = [item(0, 0.0, 500, 100), item(1, 0.0, 500, 100)]
+    base = run_on(PROFILE, items, {0: 0, 1: 1}, instances=2, fast_forward=ff).log.e2e_s()
+    slow = run_on(contended(0.5), items, {0: 0, 1: 1}, instances=2, fast_forward=ff).log.e2e_s()
+    # both work the whole time, apart from the first step of the first one placed and the
+    # last steps of whichever finishes last: every step in between is 1.5x as long
+    for b, s in zip(base, slow, strict=True):
+        assert 1.45 * b < s <= 1.5 * b + 1e-9
+    three = run_on(contended(0.5, per_host=3), [*items, item(2, 0.0, 500, 100)], {0: 0, 1: 1, 2: 2},
+                   instances=3, fast_forward=ff).log.e2e_s()  # fmt: skip
+    assert all(1.95 * base[0] < s <= 2.0 * base[0] + 1e-9 for s in three)  # two busy neighbours
+
+
+def test_a_server_speeds_up_when_its_neighbour_goes_idle() -> None:
+    long, short = item(0, 0.0, 100, 400), item(1, 0.0, 100, 100)
+    alone = run_on(contended(0.5), [long], {0: 0}, instances=2).log.e2e_s()[0]
+    both = by_rid(run_on(contended(0.5), [long, short], {0: 0, 1: 1}, instances=2))
+    stepwise = by_rid(run_on(contended(0.5), [long, short], {0: 0, 1: 1}, instances=2, fast_forward=False))
+    e2e = (both[0]["finish"] - both[0]["arrival"]) / PS_PER_S
+    # about a quarter of the long request's decode overlaps the short one at 1.5x
+    assert alone * 1.10 < e2e < alone * 1.15
+    # fast-forward re-plans one step after the neighbour stops; stepwise at once
+    assert abs(both[0]["finish"] - stepwise[0]["finish"]) / stepwise[0]["finish"] < 0.005
+    assert both[1]["finish"] == stepwise[1]["finish"]
+
+
+def test_host_contention_is_validated() -> None:
+    from llmpool.routing.profile import HostContention
+
+    with pytest.raises(ValueError, match="slowdown_per_busy_neighbour"):
+        HostContention(slowdown_per_busy_neighbour=-0.1)
+    with pytest.raises(ValueError, match="servers_per_host"):
+        HostContention(servers_per_host=0)

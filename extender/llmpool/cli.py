@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's --max-num-batched-tokens")  # fmt: skip
     c.add_argument("--max-batch", type=_positive_int, default=32, help="largest decode batch probed")
     c.add_argument("--repeats", type=_positive_int, default=3, help="repeats per probe")
+    c.add_argument("--neighbour", metavar="URL",
+                   help="a server sharing the same machine's cores: the probes run again while it is kept "
+                   "busy, and the profile gets host.slowdown_per_busy_neighbour")  # fmt: skip
+    c.add_argument("--neighbour-streams", type=_positive_int, default=4,
+                   help="concurrent requests that keep the neighbour busy (default 4)")  # fmt: skip
     c.set_defaults(func=_cmd_calibrate)
 
     x = sub.add_parser(
@@ -660,6 +665,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 max_batch=args.max_batch,
                 repeats=args.repeats,
+                neighbour=args.neighbour,
+                neighbour_streams=args.neighbour_streams,
                 progress=say,
             )
         )

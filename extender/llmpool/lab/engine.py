@@ -538,6 +538,11 @@ class StepGroup:
         self.steps = 0
         self.imb_gmax = 0
         self.imb_maxmin = 0
+        # Host contention (Profile.host): the other servers on this group's host, and how
+        # much longer a step gets per busy one. Empty / 0: a host of its own.
+        self.neighbours: list[StepGroup] = []
+        self.slowdown_per_busy = 0.0
+        self.factor = 1.0  # the slowdown of the step or segment planned last
 
     # --------------------------------------------------------------- planning
     def plan(self, now_ps: int) -> bool:
@@ -550,6 +555,10 @@ class StepGroup:
         self.busy = True
         self.start_ps = now_ps
         self.version += 1
+        f = 1.0
+        if self.neighbours:
+            f += self.slowdown_per_busy * sum(1 for g in self.neighbours if g.busy)
+        self.factor = f
         if self.fast_forward and self._plan_segment(now_ps):
             return True
         self.seg_k = 0
@@ -574,6 +583,8 @@ class StepGroup:
             total = sum(loads)
             dur = worst + (timer.moe_ps * total) // self.G
             self._account_imbalance(max(loads), min(loads), total, 1)
+        if f != 1.0:
+            dur = round(dur * f)
         self.end_ps = now_ps + max(dur, 1)
         return True
 
@@ -594,6 +605,10 @@ class StepGroup:
             n = e.seg_n
             b = timer.base_ps(n)
             a = timer.attn_per_ctx_ps(n) + timer.moe_ps
+            f = self.factor
+            if f != 1.0:  # still integers: the closed form stays exact
+                b = round(b * f)
+                a = round(a * f)
             self.seg_b, self.seg_a, self.seg_s0, self.seg_n = b, a, e.seg_s0, n
             self.seg_cum = None
             self.seg_k = k
@@ -626,6 +641,8 @@ class StepGroup:
         lmat = np.vstack(loads)
         total = lmat.sum(axis=0)
         per += (timer.moe_ps * total) // self.G
+        if self.factor != 1.0:
+            per = np.rint(per * self.factor).astype(np.int64)
         self._seg_loads = lmat
         return np.cumsum(per)
 

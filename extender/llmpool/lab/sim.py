@@ -121,6 +121,13 @@ class Simulator:
                 self.endpoints.append(st)
                 self.ep_group.append(group)
                 self.ep_engine.append(e)
+        host = profile.host
+        if host.servers_per_host > 1 and host.slowdown_per_busy_neighbour > 0:
+            k = host.servers_per_host
+            for i, group in enumerate(self.groups):
+                first = i - i % k
+                group.neighbours = [h for h in self.groups[first : first + k] if h is not group]
+                group.slowdown_per_busy = host.slowdown_per_busy_neighbour
         self.view = PoolView(now=0.0, endpoints=self.endpoints, queue=())
         self._place_ps = 0
         self.scrape_ps = round(self.cfg.scrape_interval_s * PS_PER_S)
@@ -227,6 +234,13 @@ class Simulator:
             push(heap, (g.end_ps, _GROUP, seq, g.version, g))
             seq += 1
 
+        def host_changed(g: StepGroup, now_ps: int) -> None:
+            """``g`` started or stopped stepping: its busy neighbours re-plan after their
+            step in progress, at their new speed."""
+            for h in g.neighbours:
+                if h.busy and h.interrupt(now_ps):
+                    schedule_group(h)
+
         window = max(1, int(getattr(policy, "queue_window", 1)))
 
         items_by_req: dict[int, SimItem] = {}
@@ -271,6 +285,7 @@ class Simulator:
             if not group.busy:
                 if group.plan(now_ps):
                     schedule_group(group)
+                    host_changed(group, now_ps)
             elif group.interrupt(now_ps):
                 schedule_group(group)
             return idx
@@ -309,6 +324,8 @@ class Simulator:
                     done_count = 0
                 if group.plan(t):
                     schedule_group(group)
+                elif group.neighbours:
+                    host_changed(group, t)
                 if finished and queue_reqs and not dispatch_pending:
                     # after every step end at this instant (an inline dispatch would see
                     # other groups mid-way through the same instant)

@@ -59,6 +59,18 @@ class EngineConfig(_Strict):
         return EngineConfig.model_validate({**self.model_dump(), **kw})
 
 
+class HostContention(_Strict):
+    """Servers that share a host's cores (CPU servers on one machine) step slower while their
+    neighbours work: every step of a server lasts ``1 + slowdown_per_busy_neighbour * b`` times
+    its profile time, ``b`` being how many of its host's other servers are stepping. Servers
+    are assigned to hosts in order, ``servers_per_host`` at a time (a data-parallel barrier
+    group is one server). The defaults describe servers with devices of their own (GPUs): no
+    contention. ``llmpool calibrate --neighbour`` measures it."""
+
+    servers_per_host: int = Field(default=1, ge=1)
+    slowdown_per_busy_neighbour: float = Field(default=0.0, ge=0, le=10)
+
+
 class Provenance(_Strict):
     source: str
     method: str = ""
@@ -78,6 +90,7 @@ class Profile(_Strict):
     # detokenising): added to every request's TTFT and E2E by the simulator.
     frontend_latency_ms: float = Field(default=0.0, ge=0)
     engine: EngineConfig = EngineConfig()
+    host: HostContention = HostContention()
 
     def slowed(self, factor: float) -> Profile:
         """The same engine with every time cost multiplied by ``factor`` (> 1 is slower).

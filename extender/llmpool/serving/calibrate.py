@@ -20,6 +20,13 @@ From them (model-server notes, section 4)::
 with ``c0`` the flat floor (memory-bound small batches) and ``frontend`` the time a
 request spends in the API server before and after the engine (tokenising, detokenising,
 HTTP), which the simulator adds to each request's latencies.
+
+**Host contention** (``neighbour``): servers that share a machine's cores step slower while
+the others work. With a neighbour URL, the sweep runs twice: once with the neighbour idle
+(the profile is fitted on this one) and once while ``neighbour_streams`` endless streams keep
+the neighbour busy. Each pure decode step measured in both (the decode probes and the
+prefill probes' second token) gives a ratio; the median ratio minus one is the profile's
+``host.slowdown_per_busy_neighbour`` (``servers_per_host`` = 2).
 """
 
 from __future__ import annotations
@@ -38,7 +45,14 @@ import aiohttp
 import numpy as np
 import orjson
 
-from llmpool.routing.profile import EngineConfig, LinearCost, Profile, Provenance, StepCost
+from llmpool.routing.profile import (
+    EngineConfig,
+    HostContention,
+    LinearCost,
+    Profile,
+    Provenance,
+    StepCost,
+)
 from llmpool.serving.replay import TOKEN_ID_RANGE
 from llmpool.serving.scrape import ScrapeError, parse_vllm_metrics
 
@@ -62,12 +76,21 @@ class Calibration:
     probes: list[Probe]
     frontend_s: float
     residuals: list[tuple[str, int, float, float]] = field(default_factory=list)  # (kind, size, meas, fit)
+    contended: list[Probe] = field(default_factory=list)  # the sweep with the neighbour busy
+    ratios: list[tuple[str, int, float]] = field(default_factory=list)  # (kind, size, busy / idle)
 
     def table(self) -> str:
         lines = [f"{'probe':<8} {'size':>6} {'measured ms':>12} {'fitted ms':>10} {'error':>7}"]
         for kind, size, meas, fit in self.residuals:
             err = (fit - meas) / meas * 100 if meas else math.nan
             lines.append(f"{kind:<8} {size:>6} {meas * 1e3:>12.2f} {fit * 1e3:>10.2f} {err:>+6.1f}%")
+        if self.ratios:
+            lines.append("")
+            lines.append(f"{'step':<8} {'size':>6} {'neighbour busy / idle':>22}")
+            for kind, size, r in self.ratios:
+                lines.append(f"{kind:<8} {size:>6} {r:>22.3f}")
+            host = self.profile.host
+            lines.append(f"slowdown per busy neighbour: {host.slowdown_per_busy_neighbour:.3f}")
         return "\n".join(lines)
 
 
@@ -141,6 +164,91 @@ def _median_gap(times: list[float], skip: int) -> float:
     return float(np.median(gaps)) if len(gaps) else math.nan
 
 
+async def _sweep(
+    client: _Client,
+    *,
+    limit: int,
+    max_batch: int,
+    repeats: int,
+    decode_tokens: int,
+    say: Callable[[str], None],
+    tag: str = "",
+) -> list[Probe]:
+    probes: list[Probe] = []
+    sizes = [p for p in (16, 64, 128, 256, 512, 1024, 1536, 2048) if p <= limit]
+    for p in sizes:
+        say(f"{tag}prefill probe: {p} prompt tokens x {repeats}")
+        ttfts, gaps = [], []
+        for _ in range(repeats):
+            t = await client.stream(p, 2)
+            ttfts.append(t[1] - t[0])
+            if len(t) > 2:
+                gaps.append(t[2] - t[1])
+        probes.append(Probe("prefill", p, statistics.median(ttfts),
+                            statistics.median(gaps) if gaps else math.nan, float(p)))  # fmt: skip
+    prompt = 16
+    for b in (b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch):
+        say(f"{tag}decode probe: batch of {b}")
+        steps = []
+        for _ in range(max(1, repeats - 1)):
+            runs = await asyncio.gather(*(client.stream(prompt, decode_tokens) for _ in range(b)))
+            steps.append(statistics.median(_median_gap(t, 3) for t in runs))
+        ctx = b * (prompt + 3 + decode_tokens / 2)
+        probes.append(Probe("decode", b, math.nan, statistics.median(steps), ctx))
+    return probes
+
+
+async def _keep_busy(client: _Client, streams: int, started: asyncio.Event) -> None:
+    """Endless requests on ``streams`` connections: the neighbour never idles."""
+
+    async def one() -> None:
+        while True:
+            await client.stream(32, 128)
+            started.set()
+
+    await asyncio.gather(*(one() for _ in range(streams)))
+
+
+async def _sweep_with_busy_neighbour(
+    client: _Client, other: _Client, streams: int, kw: dict[str, Any]
+) -> list[Probe]:
+    started = asyncio.Event()
+    load = asyncio.create_task(_keep_busy(other, streams, started))
+    waiter = asyncio.create_task(started.wait())
+    try:
+        done, _ = await asyncio.wait({load, waiter}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        if load in done:
+            raise CalibrationError(f"neighbour {other.url}: {_why(load)}")
+        if waiter not in done:
+            raise CalibrationError(f"neighbour {other.url}: no request finished in 120 s")
+        busy = await _sweep(client, tag="neighbour busy: ", **kw)
+        if load.done():
+            raise CalibrationError(f"neighbour {other.url} stopped during the sweep: {_why(load)}")
+        return busy
+    finally:
+        for t in (load, waiter):
+            t.cancel()
+        await asyncio.gather(load, waiter, return_exceptions=True)
+
+
+def _why(task: asyncio.Task[None]) -> str:
+    err = task.exception() if not task.cancelled() else None
+    return str(err) if err is not None else "the load stopped"
+
+
+def step_ratios(idle: list[Probe], busy: list[Probe]) -> list[tuple[str, int, float]]:
+    """Busy / idle duration of every pure decode step measured in both sweeps."""
+    out: list[tuple[str, int, float]] = []
+    by_key = {(p.kind, p.size): p for p in busy}
+    for p in idle:
+        q = by_key.get((p.kind, p.size))
+        if q is None:
+            continue
+        if math.isfinite(p.step_s) and math.isfinite(q.step_s) and p.step_s > 0:
+            out.append(("decode1" if p.kind == "prefill" else "decodeB", p.size, q.step_s / p.step_s))
+    return out
+
+
 async def calibrate(
     url: str,
     *,
@@ -153,6 +261,8 @@ async def calibrate(
     repeats: int = 3,
     decode_tokens: int = 24,
     seed: int | None = None,
+    neighbour: str | None = None,
+    neighbour_streams: int = 4,
     progress: Callable[[str], None] | None = None,
 ) -> Calibration:
     """Measure ``url`` and fit a :class:`Profile` (see the module docstring)."""
@@ -161,34 +271,53 @@ async def calibrate(
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         served, max_len, block_size, num_blocks = await _server_facts(session, url, model)
+        other: _Client | None = None
+        if neighbour is not None:
+            neighbour = neighbour.rstrip("/")
+            if neighbour == url:
+                raise CalibrationError(f"--neighbour {neighbour} is the server being calibrated")
+            n_served, *_ = await _server_facts(session, neighbour, None)
+            other = _Client(session, neighbour, n_served, None if seed is None else seed + 1)
         client = _Client(session, url, served, seed)
         await client.stream(8, 2)  # warm-up
-        probes: list[Probe] = []
         limit = min(max_len - 4, max_num_batched_tokens)
-        sizes = [p for p in (16, 64, 128, 256, 512, 1024, 1536, 2048) if p <= limit]
-        for p in sizes:
-            say(f"prefill probe: {p} prompt tokens x {repeats}")
-            ttfts, gaps = [], []
-            for _ in range(repeats):
-                t = await client.stream(p, 2)
-                ttfts.append(t[1] - t[0])
-                if len(t) > 2:
-                    gaps.append(t[2] - t[1])
-            probes.append(Probe("prefill", p, statistics.median(ttfts),
-                                statistics.median(gaps) if gaps else math.nan, float(p)))  # fmt: skip
-        prompt = 16
-        batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= min(max_batch, max_num_seqs)]
-        for b in batches:
-            say(f"decode probe: batch of {b}")
-            steps = []
-            for _ in range(max(1, repeats - 1)):
-                runs = await asyncio.gather(*(client.stream(prompt, decode_tokens) for _ in range(b)))
-                steps.append(statistics.median(_median_gap(t, 3) for t in runs))
-            ctx = b * (prompt + 3 + decode_tokens / 2)
-            probes.append(Probe("decode", b, math.nan, statistics.median(steps), ctx))
-    return _fit(probes, served=served, url=url, name=name, hardware=hardware, block_size=block_size,
-                num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens)  # fmt: skip
+        kw: dict[str, Any] = {
+            "limit": limit,
+            "max_batch": min(max_batch, max_num_seqs),
+            "repeats": repeats,
+            "decode_tokens": decode_tokens,
+            "say": say,
+        }
+        probes = await _sweep(client, **kw)
+        busy: list[Probe] = []
+        if other is not None:
+            busy = await _sweep_with_busy_neighbour(client, other, neighbour_streams, kw)
+    cal = _fit(probes, served=served, url=url, name=name, hardware=hardware, block_size=block_size,
+               num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+               max_num_batched_tokens=max_num_batched_tokens)  # fmt: skip
+    if other is None:
+        return cal
+    ratios = step_ratios(probes, busy)
+    if not ratios:
+        raise CalibrationError("no decode step was measured in both sweeps: cannot fit the contention")
+    slowdown = max(0.0, statistics.median(r for *_, r in ratios) - 1.0)
+    prof = cal.profile
+    prov = prof.provenance
+    cal.profile = prof.model_copy(
+        update={
+            "host": HostContention(servers_per_host=2, slowdown_per_busy_neighbour=round(slowdown, 4)),
+            "provenance": prov.model_copy(
+                update={
+                    "source": f"{prov.source}, with {neighbour} idle and then kept busy",
+                    "method": f"{prov.method}; contention: median busy/idle ratio of "
+                    f"{len(ratios)} decode steps, {neighbour_streams} streams on the neighbour",
+                }
+            ),
+        }
+    )
+    cal.contended = busy
+    cal.ratios = ratios
+    return cal
 
 
 def _fit(
