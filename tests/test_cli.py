@@ -44,6 +44,11 @@ def llmpool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         (["replay", "--endpoints", "nohost", "--workload", "small-mix"], "--endpoints"),
         (["replay", "--endpoints", "h:1", "--workload", "small-mix", "--policies", "bogus"], "bogus"),
         (["calibrate", "--endpoint", "http://127.0.0.1:9"], "cannot reach the server"),
+        (["calibrate", "--endpoint", "http://h:1", "--neighbour-streams", "0"], "--neighbour-streams"),
+        (
+            ["calibrate", "--endpoint", "http://127.0.0.1:9", "--neighbour", "http://127.0.0.1:9"],
+            "is the server",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args: list[str], needle: str) -> None:

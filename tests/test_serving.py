@@ -312,13 +312,24 @@ def test_calibrate_with_a_busy_neighbour_fits_the_host_contention() -> None:
                 await calibrate(a.url, neighbour=a.url)
             before = await generated(b.url)
             cal = await calibrate(a.url, repeats=2, max_batch=4, neighbour=b.url, neighbour_streams=2)
-            # the neighbour really worked: 2 streams of 128 tokens, again and again
-            assert await generated(b.url) - before >= 256
+            # the neighbour really worked: 2 streams at a time, decoding then prefilling
+            assert await generated(b.url) - before >= 2 * 256
             host = cal.profile.host
             assert host.servers_per_host == 2
-            assert [(k, n) for k, n, _ in cal.ratios] == [("decodeB", n) for n in (1, 2, 4)]
-            med = sorted(r for *_, r in cal.ratios)[len(cal.ratios) // 2]
-            assert host.slowdown_per_busy_neighbour == pytest.approx(max(0.0, med - 1.0), abs=1e-4)
+            assert [(k, n) for k, n, _ in cal.ratios] == [
+                (load, n) for load in ("decoding", "prefilling") for n in (1, 2, 4)
+            ]
+            assert set(cal.contended) == {"decoding", "prefilling"}
+            assert all(p.kind == "decode" for sweep in cal.contended.values() for p in sweep)
+            for load, got in (
+                ("decoding", host.slowdown_per_busy_neighbour),
+                ("prefilling", host.slowdown_per_prefilling_neighbour),
+            ):
+                rs = sorted(r for k, _, r in cal.ratios if k == load)
+                want = max(0.0, rs[1] - 1.0)
+                if load == "prefilling":
+                    want = max(want, host.slowdown_per_busy_neighbour)
+                assert got == pytest.approx(want, abs=1e-4)
             assert "kept busy" in cal.profile.provenance.source
             assert "slowdown per busy neighbour" in cal.table()
 

@@ -774,12 +774,17 @@ def test_a_policy_that_holds_forever_is_an_error_not_a_hang() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def contended(slowdown: float, per_host: int = 2):  # type: ignore[no-untyped-def]
+def contended(  # type: ignore[no-untyped-def]
+    slowdown: float, per_host: int = 2, prefilling: float | None = None
+):
     from llmpool.routing.profile import HostContention
 
-    return PROFILE.model_copy(
-        update={"host": HostContention(servers_per_host=per_host, slowdown_per_busy_neighbour=slowdown)}
+    host = HostContention(
+        servers_per_host=per_host,
+        slowdown_per_busy_neighbour=slowdown,
+        slowdown_per_prefilling_neighbour=slowdown if prefilling is None else prefilling,
     )
+    return PROFILE.model_copy(update={"host": host})
 
 
 def run_on(profile: Any, items: list[WorkloadItem], mapping: dict[int, int], **cfg: Any) -> RunResult:
@@ -824,10 +829,35 @@ def test_a_server_speeds_up_when_its_neighbour_goes_idle() -> None:
     assert both[1]["finish"] == stepwise[1]["finish"]
 
 
+@pytest.mark.parametrize("ff", [True, False])
+def test_a_prefilling_neighbour_slows_more_than_a_decoding_one(ff: bool) -> None:
+    decoder = item(0, 0.0, 16, 300)
+    # the neighbour prefills a long prompt (chunked over 5 steps of 2048 tokens) and decodes
+    # briefly: only while it prefills does the decoder pay the prefilling rate
+    prompt = item(1, 0.1, 10_000, 2)
+    base = run_on(PROFILE, [decoder, prompt], {0: 0, 1: 1}, instances=2, fast_forward=ff)
+    flat = run_on(contended(0.1), [decoder, prompt], {0: 0, 1: 1}, instances=2, fast_forward=ff)
+    steep = run_on(
+        contended(0.1, prefilling=1.0), [decoder, prompt], {0: 0, 1: 1}, instances=2, fast_forward=ff
+    )
+    b, f, st = (by_rid(r)[0]["finish"] / PS_PER_S for r in (base, flat, steep))
+    prefill_s = (by_rid(base)[1]["first"] - by_rid(base)[1]["arrival"]) / PS_PER_S
+    assert prefill_s > 0.3  # the neighbour's prefill overlaps a good part of the decode
+    # The neighbour's prefill lasts w = 1.1 x prefill_s (the decoding decoder slows it by
+    # 10 %); the decoder at factor k during w gets w / k done and loses w (1 - 1/k).
+    w = 1.1 * prefill_s
+    assert f - b == pytest.approx(w * (1 - 1 / 1.1), rel=0.1)
+    assert st - b == pytest.approx(w * (1 - 1 / 2.0), rel=0.1)
+
+
 def test_host_contention_is_validated() -> None:
     from llmpool.routing.profile import HostContention
 
     with pytest.raises(ValueError, match="slowdown_per_busy_neighbour"):
         HostContention(slowdown_per_busy_neighbour=-0.1)
+    with pytest.raises(ValueError, match="slowdown_per_prefilling_neighbour"):
+        HostContention(slowdown_per_prefilling_neighbour=11)
     with pytest.raises(ValueError, match="servers_per_host"):
         HostContention(servers_per_host=0)
+    assert not HostContention(slowdown_per_busy_neighbour=0.5).active  # alone on its host
+    assert HostContention(servers_per_host=2, slowdown_per_prefilling_neighbour=0.5).active

@@ -511,6 +511,10 @@ def _blocks_needed(cnt: Sequence[int], bs: int, j: int) -> int:
     return total
 
 
+# What a step group's planned step does (StepGroup.activity): host contention depends on it.
+IDLE, DECODING, PREFILLING = 0, 1, 2
+
+
 class StepGroup:
     """Engines that step together: one engine (an independent replica) or a
     data-parallel barrier group whose step lasts as long as its slowest rank's."""
@@ -539,9 +543,11 @@ class StepGroup:
         self.imb_gmax = 0
         self.imb_maxmin = 0
         # Host contention (Profile.host): the other servers on this group's host, and how
-        # much longer a step gets per busy one. Empty / 0: a host of its own.
+        # much longer a step gets per neighbour by what that neighbour does (index: its
+        # ``activity``). No neighbours: a host of its own.
         self.neighbours: list[StepGroup] = []
-        self.slowdown_per_busy = 0.0
+        self.slowdowns: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.activity = IDLE  # what the planned step does: IDLE, DECODING or PREFILLING
         self.factor = 1.0  # the slowdown of the step or segment planned last
 
     # --------------------------------------------------------------- planning
@@ -551,18 +557,23 @@ class StepGroup:
         if not any(e.has_work() for e in engines):
             self.busy = False
             self.seg_k = 0
+            self.activity = IDLE
             return False
         self.busy = True
         self.start_ps = now_ps
         self.version += 1
         f = 1.0
         if self.neighbours:
-            f += self.slowdown_per_busy * sum(1 for g in self.neighbours if g.busy)
+            sd = self.slowdowns
+            for g in self.neighbours:
+                f += sd[g.activity]
         self.factor = f
         if self.fast_forward and self._plan_segment(now_ps):
+            self.activity = DECODING
             return True
         self.seg_k = 0
         timer = self.timer
+        prefill = False
         if self.G == 1:
             e = engines[0]
             n_tok, n_seq, dec_ctx, pairs = e.schedule()
@@ -570,6 +581,7 @@ class StepGroup:
             if n_seq == 0:
                 raise RuntimeError(f"engine {e.name}: nothing schedulable (waiting head can never fit)")
             dur = timer.step_ps(n_tok, n_seq, dec_ctx, pairs) + timer.moe_ps * load
+            prefill = pairs > 0
         else:
             worst = 0
             loads = []
@@ -579,10 +591,12 @@ class StepGroup:
                     t = timer.step_ps(n_tok, n_seq, dec_ctx, pairs)
                     if t > worst:
                         worst = t
+                    prefill = prefill or pairs > 0
                 loads.append(e.load_after_schedule())
             total = sum(loads)
             dur = worst + (timer.moe_ps * total) // self.G
             self._account_imbalance(max(loads), min(loads), total, 1)
+        self.activity = PREFILLING if prefill else DECODING
         if f != 1.0:
             dur = round(dur * f)
         self.end_ps = now_ps + max(dur, 1)

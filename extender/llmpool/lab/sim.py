@@ -122,12 +122,13 @@ class Simulator:
                 self.ep_group.append(group)
                 self.ep_engine.append(e)
         host = profile.host
-        if host.servers_per_host > 1 and host.slowdown_per_busy_neighbour > 0:
+        if host.active:
             k = host.servers_per_host
+            slow = (0.0, host.slowdown_per_busy_neighbour, host.slowdown_per_prefilling_neighbour)
             for i, group in enumerate(self.groups):
                 first = i - i % k
                 group.neighbours = [h for h in self.groups[first : first + k] if h is not group]
-                group.slowdown_per_busy = host.slowdown_per_busy_neighbour
+                group.slowdowns = slow
         self.view = PoolView(now=0.0, endpoints=self.endpoints, queue=())
         self._place_ps = 0
         self.scrape_ps = round(self.cfg.scrape_interval_s * PS_PER_S)
@@ -235,8 +236,9 @@ class Simulator:
             seq += 1
 
         def host_changed(g: StepGroup, now_ps: int) -> None:
-            """``g`` started or stopped stepping: its busy neighbours re-plan after their
-            step in progress, at their new speed."""
+            """``g`` started or stopped stepping, or switched between decoding and
+            prefilling: its busy neighbours re-plan after their step in progress, at their
+            new speed."""
             for h in g.neighbours:
                 if h.busy and h.interrupt(now_ps):
                     schedule_group(h)
@@ -285,7 +287,8 @@ class Simulator:
             if not group.busy:
                 if group.plan(now_ps):
                     schedule_group(group)
-                    host_changed(group, now_ps)
+                    if group.neighbours:
+                        host_changed(group, now_ps)
             elif group.interrupt(now_ps):
                 schedule_group(group)
             return idx
@@ -299,6 +302,7 @@ class Simulator:
                 if version != group.version or not group.busy:
                     continue
                 started.clear()
+                was = group.activity
                 finished = group.finish(t, started)
                 for r in started:  # the router sees first tokens as they stream
                     note_first_token(endpoints[r.tag.endpoint], r.prompt)
@@ -324,7 +328,7 @@ class Simulator:
                     done_count = 0
                 if group.plan(t):
                     schedule_group(group)
-                elif group.neighbours:
+                if group.neighbours and group.activity != was:
                     host_changed(group, t)
                 if finished and queue_reqs and not dispatch_pending:
                     # after every step end at this instant (an inline dispatch would see

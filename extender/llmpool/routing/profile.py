@@ -61,14 +61,23 @@ class EngineConfig(_Strict):
 
 class HostContention(_Strict):
     """Servers that share a host's cores (CPU servers on one machine) step slower while their
-    neighbours work: every step of a server lasts ``1 + slowdown_per_busy_neighbour * b`` times
-    its profile time, ``b`` being how many of its host's other servers are stepping. Servers
-    are assigned to hosts in order, ``servers_per_host`` at a time (a data-parallel barrier
-    group is one server). The defaults describe servers with devices of their own (GPUs): no
-    contention. ``llmpool calibrate --neighbour`` measures it."""
+    neighbours work. Every step of a server lasts ``1 + sum`` times its profile time, the sum
+    running over its host's other servers: ``slowdown_per_busy_neighbour`` for one whose
+    current step only decodes, ``slowdown_per_prefilling_neighbour`` for one whose step carries
+    prompt tokens (compute-bound prefill contends more than memory-bound decode), 0 for an idle
+    one. Servers are assigned to hosts in order, ``servers_per_host`` at a time (a data-parallel
+    barrier group is one server). The defaults describe servers with devices of their own
+    (GPUs): no contention. ``llmpool calibrate --neighbour`` measures both slowdowns."""
 
     servers_per_host: int = Field(default=1, ge=1)
     slowdown_per_busy_neighbour: float = Field(default=0.0, ge=0, le=10)
+    slowdown_per_prefilling_neighbour: float = Field(default=0.0, ge=0, le=10)
+
+    @property
+    def active(self) -> bool:
+        return self.servers_per_host > 1 and (
+            self.slowdown_per_busy_neighbour > 0 or self.slowdown_per_prefilling_neighbour > 0
+        )
 
 
 class Provenance(_Strict):

@@ -22,10 +22,13 @@ request spends in the API server before and after the engine (tokenising, detoke
 HTTP), which the simulator adds to each request's latencies.
 
 **Host contention** (``neighbour``): servers that share a machine's cores step slower while
-the others work. With a neighbour URL, the sweep runs twice: once with the neighbour idle
-(the profile is fitted on this one) and once while ``neighbour_streams`` endless streams keep
-the neighbour busy. Each decode probe (a batch's median step) measured in both gives a
-ratio; the median ratio minus one is the profile's ``host.slowdown_per_busy_neighbour``
+the others work, and more so while the others prefill (compute-bound) than while they decode
+(memory-bound). With a neighbour URL, the full sweep runs with the neighbour idle (the profile
+is fitted on it); then the decode probes run twice more while ``neighbour_streams`` endless
+requests keep the neighbour busy, first decoding (16-token prompts, 256 output tokens), then
+prefilling (1024-token prompts, 2 output tokens). Each decode probe (a batch's median step)
+gives a busy/idle ratio; the median ratio of each load minus one is the profile's
+``host.slowdown_per_busy_neighbour`` and ``host.slowdown_per_prefilling_neighbour``
 (``servers_per_host`` = 2).
 """
 
@@ -76,8 +79,9 @@ class Calibration:
     probes: list[Probe]
     frontend_s: float
     residuals: list[tuple[str, int, float, float]] = field(default_factory=list)  # (kind, size, meas, fit)
-    contended: list[Probe] = field(default_factory=list)  # the sweep with the neighbour busy
-    ratios: list[tuple[str, int, float]] = field(default_factory=list)  # (kind, size, busy / idle)
+    # neighbour load ("decoding" / "prefilling") -> its sweep, and (load, batch, busy / idle)
+    contended: dict[str, list[Probe]] = field(default_factory=dict)
+    ratios: list[tuple[str, int, float]] = field(default_factory=list)
 
     def table(self) -> str:
         lines = [f"{'probe':<8} {'size':>6} {'measured ms':>12} {'fitted ms':>10} {'error':>7}"]
@@ -86,11 +90,14 @@ class Calibration:
             lines.append(f"{kind:<8} {size:>6} {meas * 1e3:>12.2f} {fit * 1e3:>10.2f} {err:>+6.1f}%")
         if self.ratios:
             lines.append("")
-            lines.append(f"{'step':<8} {'size':>6} {'neighbour busy / idle':>22}")
-            for kind, size, r in self.ratios:
-                lines.append(f"{kind:<8} {size:>6} {r:>22.3f}")
+            lines.append(f"{'neighbour':<11} {'batch':>6} {'decode step busy / idle':>24}")
+            for load, size, r in self.ratios:
+                lines.append(f"{load:<11} {size:>6} {r:>24.3f}")
             host = self.profile.host
-            lines.append(f"slowdown per busy neighbour: {host.slowdown_per_busy_neighbour:.3f}")
+            lines.append(
+                f"slowdown per busy neighbour: decoding {host.slowdown_per_busy_neighbour:.3f}, "
+                f"prefilling {host.slowdown_per_prefilling_neighbour:.3f}"
+            )
         return "\n".join(lines)
 
 
@@ -173,9 +180,10 @@ async def _sweep(
     decode_tokens: int,
     say: Callable[[str], None],
     tag: str = "",
+    prefill: bool = True,
 ) -> list[Probe]:
     probes: list[Probe] = []
-    sizes = [p for p in (16, 64, 128, 256, 512, 1024, 1536, 2048) if p <= limit]
+    sizes = [p for p in (16, 64, 128, 256, 512, 1024, 1536, 2048) if p <= limit] if prefill else []
     for p in sizes:
         say(f"{tag}prefill probe: {p} prompt tokens x {repeats}")
         ttfts, gaps = [], []
@@ -198,22 +206,26 @@ async def _sweep(
     return probes
 
 
-async def _keep_busy(client: _Client, streams: int, started: asyncio.Event) -> None:
+# (prompt, output tokens) of the requests that keep a neighbour busy
+NEIGHBOUR_LOADS: dict[str, tuple[int, int]] = {"decoding": (16, 256), "prefilling": (1024, 2)}
+
+
+async def _keep_busy(client: _Client, streams: int, load: tuple[int, int], started: asyncio.Event) -> None:
     """Endless requests on ``streams`` connections: the neighbour never idles."""
 
     async def one() -> None:
         while True:
-            await client.stream(32, 128)
+            await client.stream(*load)
             started.set()
 
     await asyncio.gather(*(one() for _ in range(streams)))
 
 
 async def _sweep_with_busy_neighbour(
-    client: _Client, other: _Client, streams: int, kw: dict[str, Any]
+    client: _Client, other: _Client, streams: int, name: str, kw: dict[str, Any]
 ) -> list[Probe]:
     started = asyncio.Event()
-    load = asyncio.create_task(_keep_busy(other, streams, started))
+    load = asyncio.create_task(_keep_busy(other, streams, NEIGHBOUR_LOADS[name], started))
     waiter = asyncio.create_task(started.wait())
     try:
         done, _ = await asyncio.wait({load, waiter}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
@@ -221,7 +233,7 @@ async def _sweep_with_busy_neighbour(
             raise CalibrationError(f"neighbour {other.url}: {_why(load)}")
         if waiter not in done:
             raise CalibrationError(f"neighbour {other.url}: no request finished in 120 s")
-        busy = await _sweep(client, tag="neighbour busy: ", **kw)
+        busy = await _sweep(client, tag=f"neighbour {name}: ", prefill=False, **kw)
         if load.done():
             raise CalibrationError(f"neighbour {other.url} stopped during the sweep: {_why(load)}")
         return busy
@@ -270,14 +282,15 @@ async def calibrate(
     """Measure ``url`` and fit a :class:`Profile` (see the module docstring)."""
     url = url.rstrip("/")
     say = progress or (lambda _msg: None)
+    if neighbour is not None:
+        neighbour = neighbour.rstrip("/")
+        if neighbour == url:
+            raise CalibrationError(f"--neighbour {neighbour} is the server being calibrated")
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         served, max_len, block_size, num_blocks = await _server_facts(session, url, model)
         other: _Client | None = None
         if neighbour is not None:
-            neighbour = neighbour.rstrip("/")
-            if neighbour == url:
-                raise CalibrationError(f"--neighbour {neighbour} is the server being calibrated")
             n_served, *_ = await _server_facts(session, neighbour, None)
             other = _Client(session, neighbour, n_served, None if seed is None else seed + 1)
         client = _Client(session, url, served, seed)
@@ -291,28 +304,38 @@ async def calibrate(
             "say": say,
         }
         probes = await _sweep(client, **kw)
-        busy: list[Probe] = []
+        busy: dict[str, list[Probe]] = {}
         if other is not None:
-            busy = await _sweep_with_busy_neighbour(client, other, neighbour_streams, kw)
+            for name in NEIGHBOUR_LOADS:
+                busy[name] = await _sweep_with_busy_neighbour(client, other, neighbour_streams, name, kw)
     cal = _fit(probes, served=served, url=url, name=name, hardware=hardware, block_size=block_size,
                num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max_num_batched_tokens)  # fmt: skip
     if other is None:
         return cal
-    ratios = step_ratios(probes, busy)
-    if not ratios:
-        raise CalibrationError("no decode step was measured in both sweeps: cannot fit the contention")
-    slowdown = max(0.0, statistics.median(r for *_, r in ratios) - 1.0)
+    ratios: list[tuple[str, int, float]] = []
+    slow: dict[str, float] = {}
+    for name, sweep in busy.items():
+        rs = step_ratios(probes, sweep)
+        if not rs:
+            raise CalibrationError(f"no decode probe measured with the neighbour {name}: no contention fit")
+        ratios += [(name, size, r) for _, size, r in rs]
+        slow[name] = round(max(0.0, statistics.median(r for *_, r in rs) - 1.0), 4)
     prof = cal.profile
     prov = prof.provenance
+    loads = "; ".join(f"{k}: {p}-token prompts, {o} output tokens" for k, (p, o) in NEIGHBOUR_LOADS.items())
     cal.profile = prof.model_copy(
         update={
-            "host": HostContention(servers_per_host=2, slowdown_per_busy_neighbour=round(slowdown, 4)),
+            "host": HostContention(
+                servers_per_host=2,
+                slowdown_per_busy_neighbour=slow["decoding"],
+                slowdown_per_prefilling_neighbour=max(slow["prefilling"], slow["decoding"]),
+            ),
             "provenance": prov.model_copy(
                 update={
                     "source": f"{prov.source}, with {neighbour} idle and then kept busy",
-                    "method": f"{prov.method}; contention: median busy/idle ratio of "
-                    f"{len(ratios)} decode probes, {neighbour_streams} streams on the neighbour",
+                    "method": f"{prov.method}; contention: median busy/idle ratio of the decode probes "
+                    f"while {neighbour_streams} streams kept the neighbour busy ({loads})",
                 }
             ),
         }
