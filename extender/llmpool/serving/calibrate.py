@@ -22,8 +22,8 @@ request spends in the API server before and after the engine (tokenising, detoke
 HTTP), which the simulator adds to each request's latencies.
 
 **Host contention** (``neighbour``): servers that share a machine's cores step slower while
-the others work, and more so while the others prefill (compute-bound) than while they decode
-(memory-bound). With a neighbour URL, the full sweep runs with the neighbour idle (the profile
+the others work, by an amount that depends on what the others do (decoding: many short steps,
+a token streamed to a client per sequence and step; prefilling: few long compute steps). With a neighbour URL, the full sweep runs with the neighbour idle (the profile
 is fitted on it); then the decode probes run twice more while ``neighbour_streams`` endless
 requests keep the neighbour busy, first decoding (16-token prompts, 256 output tokens), then
 prefilling (1024-token prompts, 2 output tokens). Each decode probe (a batch's median step)
@@ -329,7 +329,7 @@ async def calibrate(
             "host": HostContention(
                 servers_per_host=2,
                 slowdown_per_busy_neighbour=slow["decoding"],
-                slowdown_per_prefilling_neighbour=max(slow["prefilling"], slow["decoding"]),
+                slowdown_per_prefilling_neighbour=slow["prefilling"],
             ),
             "provenance": prov.model_copy(
                 update={
