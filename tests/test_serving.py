@@ -311,7 +311,10 @@ def test_calibrate_with_a_busy_neighbour_fits_the_host_contention() -> None:
             with pytest.raises(CalibrationError, match="is the server being calibrated"):
                 await calibrate(a.url, neighbour=a.url)
             before = await generated(b.url)
-            cal = await calibrate(a.url, repeats=2, max_batch=4, neighbour=b.url, neighbour_streams=2)
+            cal = await calibrate(
+                a.url, name="pair-a", repeats=2, max_batch=4, neighbour=b.url, neighbour_streams=2
+            )
+            assert cal.profile.name == "pair-a"
             # the neighbour really worked: 2 streams at a time, decoding then prefilling
             assert await generated(b.url) - before >= 2 * 256
             host = cal.profile.host

@@ -64,7 +64,8 @@ class HostContention(_Strict):
     neighbours work. Every step of a server lasts ``1 + sum`` times its profile time, the sum
     running over its host's other servers: ``slowdown_per_busy_neighbour`` for one whose
     current step only decodes, ``slowdown_per_prefilling_neighbour`` for one whose step carries
-    prompt tokens, 0 for an idle one (what costs most differs by machine: measure it). Servers are assigned to hosts in order, ``servers_per_host`` at a time (a data-parallel
+    prompt tokens, 0 for an idle one (which costs more differs by machine: measure it).
+    Servers are assigned to hosts in order, ``servers_per_host`` at a time (a data-parallel
     barrier group is one server). The defaults describe servers with devices of their own
     (GPUs): no contention. ``llmpool calibrate --neighbour`` measures both slowdowns."""
 

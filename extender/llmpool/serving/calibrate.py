@@ -22,9 +22,10 @@ request spends in the API server before and after the engine (tokenising, detoke
 HTTP), which the simulator adds to each request's latencies.
 
 **Host contention** (``neighbour``): servers that share a machine's cores step slower while
-the others work, by an amount that depends on what the others do (decoding: many short steps,
-a token streamed to a client per sequence and step; prefilling: few long compute steps). With a neighbour URL, the full sweep runs with the neighbour idle (the profile
-is fitted on it); then the decode probes run twice more while ``neighbour_streams`` endless
+the others work, by an amount that depends on what the others do (decoding: many short
+steps, a token streamed to a client per sequence and step; prefilling: few long compute
+steps). With a neighbour URL, the full sweep runs with the neighbour idle (the profile is
+fitted on it); then the decode probes run twice more while ``neighbour_streams`` endless
 requests keep the neighbour busy, first decoding (16-token prompts, 256 output tokens), then
 prefilling (1024-token prompts, 2 output tokens). Each decode probe (a batch's median step)
 gives a busy/idle ratio; the median ratio of each load minus one is the profile's
@@ -306,8 +307,8 @@ async def calibrate(
         probes = await _sweep(client, **kw)
         busy: dict[str, list[Probe]] = {}
         if other is not None:
-            for name in NEIGHBOUR_LOADS:
-                busy[name] = await _sweep_with_busy_neighbour(client, other, neighbour_streams, name, kw)
+            for load in NEIGHBOUR_LOADS:
+                busy[load] = await _sweep_with_busy_neighbour(client, other, neighbour_streams, load, kw)
     cal = _fit(probes, served=served, url=url, name=name, hardware=hardware, block_size=block_size,
                num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max_num_batched_tokens)  # fmt: skip
@@ -315,12 +316,12 @@ async def calibrate(
         return cal
     ratios: list[tuple[str, int, float]] = []
     slow: dict[str, float] = {}
-    for name, sweep in busy.items():
+    for load, sweep in busy.items():
         rs = step_ratios(probes, sweep)
         if not rs:
-            raise CalibrationError(f"no decode probe measured with the neighbour {name}: no contention fit")
-        ratios += [(name, size, r) for _, size, r in rs]
-        slow[name] = round(max(0.0, statistics.median(r for *_, r in rs) - 1.0), 4)
+            raise CalibrationError(f"no decode probe measured with the neighbour {load}: no contention fit")
+        ratios += [(load, size, r) for _, size, r in rs]
+        slow[load] = round(max(0.0, statistics.median(r for *_, r in rs) - 1.0), 4)
     prof = cal.profile
     prov = prof.provenance
     loads = "; ".join(f"{k}: {p}-token prompts, {o} output tokens" for k, (p, o) in NEIGHBOUR_LOADS.items())
