@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-batch", type=_positive_int, default=32, help="largest decode batch probed")
     c.add_argument("--repeats", type=_positive_int, default=3, help="repeats per probe")
     c.add_argument("--neighbour", metavar="URL",
-                   help="a server sharing the same machine's cores: the probes run again while it is kept "
-                   "busy, and the profile gets host.slowdown_per_busy_neighbour")  # fmt: skip
+                   help="a server sharing the same machine's cores: the decode probes run again while it "
+                   "decodes and while it prefills, and the profile gets the host slowdowns")  # fmt: skip
     c.add_argument("--neighbour-streams", type=_positive_int, default=4,
                    help="concurrent requests that keep the neighbour busy (default 4)")  # fmt: skip
     c.set_defaults(func=_cmd_calibrate)
