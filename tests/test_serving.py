@@ -13,7 +13,7 @@ from llmpool.routing.policy import Policy
 from llmpool.routing.profile import load_profile
 from llmpool.routing.types import HOLD, Decision, PoolView, Request, Route
 from llmpool.serving.calibrate import calibrate
-from llmpool.serving.compare import build_policy, request_rows, simulate, simulate_run
+from llmpool.serving.compare import build_policy, request_rows, simulate_run
 from llmpool.serving.datastore import Datastore, Endpoint
 from llmpool.serving.dispatch import Dispatcher, DispatchError
 from llmpool.serving.replay import LiveResult, prompt_ids, replay
@@ -243,7 +243,7 @@ def test_replay_through_emulators_matches_the_simulator() -> None:
     res = asyncio.run(main())
     run = simulate_run(w, "round-robin", profile, 2, 0)
     sim = run.summary
-    assert sim == simulate(w, "round-robin", profile, 2, 0)
+    assert sim == simulate_run(w, "round-robin", profile, 2, 0).summary  # deterministic
     assert res.errors == 0 and res.per_endpoint == [20, 20]
     assert res.summary.e2e_mean_s == pytest.approx(sim.e2e_mean_s, rel=0.15)
     assert res.summary.ttft_mean_s < sim.ttft_mean_s + 0.05
@@ -344,5 +344,19 @@ def test_calibrate_names_an_unreachable_neighbour() -> None:
         async with running(EmulatorConfig(profile=load_profile("a100-llama3-8b"))) as a:
             with pytest.raises(CalibrationError, match=r"127\.0\.0\.1:9: cannot reach the server"):
                 await calibrate(a.url, neighbour="http://127.0.0.1:9")
+
+    asyncio.run(main())
+
+
+def test_a_server_lost_mid_calibration_is_a_one_line_error() -> None:
+    import aiohttp
+
+    from llmpool.serving.calibrate import CalibrationError, _Client
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            client = _Client(session, "http://127.0.0.1:9", "m", 0)
+            with pytest.raises(CalibrationError, match=r"^http://127\.0\.0\.1:9: request failed: \S"):
+                await client.stream(4, 2)
 
     asyncio.run(main())

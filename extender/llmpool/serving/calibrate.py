@@ -128,13 +128,16 @@ class _Client:
         }
         t0 = time.monotonic()
         times = [t0]
-        async with self.session.post(f"{self.url}/v1/completions", data=orjson.dumps(body),
-                                     headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
-            if resp.status != 200:
-                raise CalibrationError(f"{self.url}: HTTP {resp.status}: {(await resp.text())[:200]}")
-            async for line in resp.content:
-                if line.startswith(b"data: {") and b'"finish_reason"' in line:
-                    times.append(time.monotonic())
+        try:
+            async with self.session.post(f"{self.url}/v1/completions", data=orjson.dumps(body),
+                                         headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
+                if resp.status != 200:
+                    raise CalibrationError(f"{self.url}: HTTP {resp.status}: {(await resp.text())[:200]}")
+                async for line in resp.content:
+                    if line.startswith(b"data: {") and b'"finish_reason"' in line:
+                        times.append(time.monotonic())
+        except (aiohttp.ClientError, TimeoutError) as err:  # the server went away mid-calibration
+            raise CalibrationError(f"{self.url}: request failed: {err or type(err).__name__}") from None
         if len(times) < 2:
             raise CalibrationError(f"{self.url}: the stream carried no tokens")
         return times

@@ -51,12 +51,6 @@ def simulate_run(workload: Workload, policy_spec: str | PolicyConfig, profile: P
     return Simulator(profile, policy, cfg).run(workload.items)
 
 
-def simulate(workload: Workload, policy_spec: str | PolicyConfig, profile: Profile, instances: int,
-             seed: int, *, scrape_interval_s: float = 0.05) -> RunSummary:  # fmt: skip
-    run = simulate_run(workload, policy_spec, profile, instances, seed, scrape_interval_s=scrape_interval_s)
-    return run.summary
-
-
 def request_rows(policy: str, live: LiveResult | None, sim: RunResult | None) -> list[dict[str, Any]]:
     """One row per request and side (live, sim), seconds from the run's start: what
     ``llmpool replay --records`` writes, to see which requests the simulator gets wrong."""
