@@ -200,7 +200,8 @@ def test_core_binds_spread_servers_over_cores(monkeypatch: pytest.MonkeyPatch) -
 
 def test_embedded_profile_is_the_documented_calibration() -> None:
     embedded = Profile.model_validate(yaml.safe_load(vllmcpu.profile_yaml()))
-    assert embedded == load_profile(str(ROOT / "docs" / "data" / "smollm2-135m-cpu-contended.yaml"))
+    assert embedded == load_profile(str(ROOT / "docs" / "data" / "smollm2-135m-cpu-host.yaml"))
+    assert embedded.host.active and embedded.name == vllmcpu.PROFILE_NAME
     assert embedded.engine.num_gpu_blocks == vllmcpu.NUM_GPU_BLOCKS
     assert embedded.engine.max_num_seqs == vllmcpu.MAX_NUM_SEQS
 

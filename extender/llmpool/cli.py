@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--profile",
         help="engine profile of the emulators and the picker (default a100-llama3-8b; vllm-cpu: "
-        "smollm2-135m-cpu-contended, the calibrated profile of those servers)",
+        "smollm2-135m-cpu-host, the calibrated profile of those servers)",
     )
     d.add_argument(
         "--slowdown",

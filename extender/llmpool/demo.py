@@ -17,7 +17,7 @@ written as JSON and plotted (PNG).
 The emulators model a GPU engine (default: the ``a100-llama3-8b`` profile) slowed down by
 ``--slowdown`` so that a 2-core laptop can carry the token stream; the picker is given the
 same slowed profile, so its policies model exactly the engines they route to. Real vLLM-CPU
-servers come with their own calibrated profile (``smollm2-135m-cpu-contended``) and smaller
+servers come with their own calibrated profile (``smollm2-135m-cpu-host``) and smaller
 defaults (2 servers, 40 requests at 0.5 req/s, 3 policies), sized for 2 cores.
 
 Every child runs in its own process group, gets SIGTERM if this process dies, and is
@@ -108,7 +108,7 @@ class DemoOptions:
     workload: str = "small-mix"
     requests: int = 240
     rate: float = 6.0
-    profile: str | None = None  # None: the backend's (a100-llama3-8b; smollm2-135m-cpu-contended)
+    profile: str | None = None  # None: the backend's (a100-llama3-8b; smollm2-135m-cpu-host)
     slowdown: float = 4.0
     max_num_seqs: int | None = None
     model: str | None = None

@@ -46,6 +46,7 @@ from llmpool.procs import (
     stop_group,
     wait_ready_all,
 )
+from llmpool.routing.profile import load_profile
 
 __all__ = [
     "INSTALL_HINT",
@@ -104,39 +105,10 @@ if __name__ == "__main__":
     main()
 '''
 
-#: Step costs of these servers, fitted by ``llmpool calibrate`` with two servers sharing 2 cores
-#: (the same data as docs/data/smollm2-135m-cpu-contended.yaml, which documents its provenance).
-PROFILE_NAME: Final = "smollm2-135m-cpu-contended"
-_PROFILE: Final[dict[str, Any]] = {
-    "name": PROFILE_NAME,
-    "description": "smollm2 on vLLM-CPU, mean of two concurrent llmpool calibrate fits (8101 and 8102)",
-    "hardware": "1 of 2 cores per server, both servers calibrated concurrently",
-    "model": MODEL_NAME,
-    "provenance": {
-        "source": "llmpool calibrate against 127.0.0.1:8101 and :8102 run at the same time, "
-        "coefficients averaged by hand",
-        "method": "7 prefill and 7 decode probes; least squares on step times",
-        "date": "2026-11-22",
-    },
-    "step": {
-        "overhead_ms": 0.0,
-        "linear": {"c0_ms": 43.22, "c1_ms": 48.85, "c2_us_per_token": 3276.08},
-        "decode_attention_ns_per_context_token": 5790.15,
-        "prefill_attention_ns_per_pair": 378.79,
-        "attention_batching_overhead": 0.0,
-        "moe_overhead_ns_per_token": 0.0,
-    },
-    "frontend_latency_ms": 43.37,
-    "engine": {
-        "block_size": 128,
-        "num_gpu_blocks": 160,
-        "max_num_seqs": 64,
-        "max_num_batched_tokens": 2048,
-        "enable_chunked_prefill": True,
-        "enable_prefix_caching": True,
-        "long_prefill_token_threshold": 0,
-    },
-}
+#: Step costs of these servers: the built-in profile fitted by ``llmpool calibrate --neighbour``
+#: with two servers sharing 2 cores (the same data as docs/data/smollm2-135m-cpu-host.yaml, which
+#: documents its provenance; its ``host`` section is what the simulator's sim-to-real check uses).
+PROFILE_NAME: Final = "smollm2-135m-cpu-host"
 #: Server flags that match the profile's engine (model-server.md §8.3: 160 blocks x 128 tokens).
 NUM_GPU_BLOCKS: Final = 160
 MAX_NUM_SEQS: Final = 64
@@ -144,7 +116,7 @@ MAX_NUM_SEQS: Final = 64
 
 def profile_yaml() -> str:
     """The engine profile of these servers, as profile YAML (``llmpool.routing.profile``)."""
-    return yaml.safe_dump(_PROFILE, sort_keys=False)
+    return yaml.safe_dump(load_profile(PROFILE_NAME).model_dump(mode="json"), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------- paths
