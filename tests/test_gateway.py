@@ -28,6 +28,7 @@ from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmpool import gateway
+from llmpool.children import free_port
 from llmpool.gateway import (
     DESTINATION_HEADER,
     EXT_PROC_SERVICE,
@@ -36,7 +37,6 @@ from llmpool.gateway import (
     EnvoyProcess,
     EnvoySpec,
     GatewayError,
-    free_port,
     render_envoy_config,
     validate_config,
     write_config,
@@ -528,7 +528,7 @@ def test_envoy_dies_with_the_process_that_started_it() -> None:
         pytest.skip("parent-death signal is Linux only")
     script = (
         "import time\n"
-        "from llmpool.gateway import EnvoyProcess, EnvoySpec, free_port\n"
+        "from llmpool.children import free_port\nfrom llmpool.gateway import EnvoyProcess, EnvoySpec\n"
         "spec = EnvoySpec(listen_port=free_port(), admin_port=free_port(), epp_port=None,\n"
         "                 fallback_endpoints=('127.0.0.1:1',))\n"
         "gw = EnvoyProcess(spec).start()\n"

@@ -17,7 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmpool.gateway import free_port
+from llmpool.children import free_port
 from llmpool.picker.config import PickerConfig
 from llmpool.picker.director import Director
 from llmpool.picker.metrics import PickerMetrics

@@ -45,7 +45,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmpool import vllmcpu
-from llmpool.gateway import EnvoyProcess, EnvoySpec, GatewayError, free_port, http_get
+from llmpool.children import free_port, http_get
+from llmpool.gateway import EnvoyProcess, EnvoySpec, GatewayError
 from llmpool.lab.bench import BenchError, policy_config, split_policies
 from llmpool.lab.metrics import RequestLog, RunSummary, summarize
 from llmpool.lab.workload import Workload, load_workload

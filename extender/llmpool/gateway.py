@@ -79,19 +79,12 @@ Circuit-breaker limits are raised to 1e6 so that they never shape a benchmark.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import ipaddress
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +92,8 @@ from types import TracebackType
 from typing import Any, Literal
 
 import yaml
+
+from llmpool.children import http_get, spawn, terminate
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
@@ -603,42 +598,6 @@ def validate_config(path: str | os.PathLike[str], *, envoy: str | None = None, t
         raise GatewayError(f"envoy rejected {path}: {detail}")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _load_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()  # resolved before any fork: the child only makes one foreign call
-_PR_SET_PDEATHSIG = 1
-
-
-def kill_with_parent() -> None:
-    """``preexec_fn`` for ``subprocess.Popen``: the child gets SIGTERM when the spawning thread dies
-    (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere). Spawn from a long-lived thread (e.g. the main one)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    """(status, body text) of a GET; HTTP errors are answers, not exceptions."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return int(r.status), r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read().decode("utf-8", "replace")
-
-
 class EnvoyProcess:
     """One Envoy subprocess for a spec: ``with EnvoyProcess(spec) as gw: ... gw.url ...``.
 
@@ -722,15 +681,7 @@ class EnvoyProcess:
             *self.extra_args,
         ]
         with open(self.workdir / "envoy.stdout", "wb") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=kill_with_parent if self.die_with_parent else None,
-            )
+            self.proc = spawn(cmd, out, die_with_parent=self.die_with_parent)
 
     def _ready_or_stop(self) -> None:
         try:
@@ -783,18 +734,7 @@ class EnvoyProcess:
     def stop(self, *, grace_s: float = 3.0) -> int | None:
         """SIGTERM by pid, SIGKILL after ``grace_s``; returns the exit status (None if never started)."""
         proc, self.proc = self.proc, None
-        rc: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    proc.wait(timeout=5)
-            rc = proc.returncode
+        rc = terminate(proc, grace_s, kill_wait_s=5.0) if proc is not None else None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

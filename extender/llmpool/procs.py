@@ -2,7 +2,7 @@
 
 Used by ``llmpool demo`` and by the end-to-end tests. Every child runs in its own session
 (process group) with its output in a log file, gets SIGTERM when the thread that spawned it
-dies (Linux ``PR_SET_PDEATHSIG``, see :func:`llmpool.gateway.kill_with_parent`), and is
+dies (Linux ``PR_SET_PDEATHSIG``, see :func:`llmpool.children.kill_with_parent`), and is
 stopped by pid: ``stop()`` sends SIGTERM and SIGKILLs after a grace period, ``kill()`` is a
 crash. A child that forks workers of its own (a real vLLM server: API server, engine core,
 worker) sets ``whole_group``: then both signal its whole process group and wait until no member
@@ -23,7 +23,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llmpool.gateway import free_port, http_get, kill_with_parent
+from llmpool import children
+from llmpool.children import free_port, http_get
 
 __all__ = [
     "LLMPOOL_COMMAND",
@@ -211,17 +212,9 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"\n--- start: {' '.join(self.command())}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                # a killed parent leaves no child behind
-                preexec_fn=kill_with_parent if self.die_with_parent else None,
+            # a killed parent leaves no child behind (die_with_parent)
+            self.proc = children.spawn(
+                self.command(), log, env=self.env, cwd=self.cwd, die_with_parent=self.die_with_parent
             )
 
     def wait_ready(self) -> None:
@@ -240,10 +233,8 @@ class ManagedProcess:
         proc, self.proc = self.proc, None
         if proc is not None and self.whole_group:
             stop_group(proc.pid, 0.0, proc)
-        elif proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=10)
+        elif proc is not None:
+            children.terminate(proc, 0.0)
 
     def terminate(self) -> None:
         """SIGTERM (to the group with ``whole_group``) without waiting; ``stop()`` then waits."""
@@ -263,15 +254,8 @@ class ManagedProcess:
         proc, self.proc = self.proc, None
         if proc is not None and self.whole_group:
             stop_group(proc.pid, grace_s, proc)
-        elif proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10)
+        elif proc is not None:
+            children.terminate(proc, grace_s)
 
     def restart(self, *, graceful: bool = False) -> None:
         """Kill (or stop) and start again with the same command line and ports."""

@@ -35,7 +35,7 @@ from typing import IO, Any, Final
 
 import yaml
 
-from llmpool.gateway import http_get
+from llmpool.children import http_get
 from llmpool.procs import (
     LocalServer,
     StartError,

@@ -272,6 +272,17 @@ async def running_operator(
                 await task
 
 
+def timer_runs(metrics: OperatorMetrics) -> float:
+    """Reconciliations the drift timer has run, whatever their result."""
+    return sum(
+        metrics.registry.get_sample_value(
+            "llmpool_operator_reconciles_total", {"trigger": "timer", "result": r}
+        )
+        or 0.0
+        for r in ("ok", "degraded", "error")
+    )
+
+
 def _watching(kmock: Any) -> bool:
     return any(
         r.method is not None and "llmpools" in r.url.path and r.params.get("watch") for r in list(kmock)
@@ -523,13 +534,12 @@ async def test_invalid_spec_degrades_without_applying_anything(kmock: Any, kubec
 @pytestmark_kmock
 async def test_engine_readiness_reaches_the_pool_without_the_timer(kmock: Any, kubeconfig: Path) -> None:
     support.register_crds(kmock)
-    async with running_operator(kmock, drift_interval=300.0):
+    async with running_operator(kmock, drift_interval=300.0) as metrics:
         await create_pool_and_settle(kmock, pool_body())
         await wait_for(lambda: pool_status(kmock).get("observedGeneration") == 1, what="observedGeneration 1")
         assert pool_status(kmock)["phase"] == "Pending"
-        await asyncio.sleep(
-            0.6
-        )  # let the timer's first run (initial delay 0.2 s) pass; the next is 300 s away
+        # let the timer's first run (initial delay 0.2 s) pass; the next is 300 s away
+        await wait_for(lambda: timer_runs(metrics) == 1, what="the drift timer's first run")
         engine = CHILD_PATHS["Deployment", "demo-engine"]
         mark = len(list(kmock))
 
@@ -567,3 +577,4 @@ async def test_engine_readiness_reaches_the_pool_without_the_timer(kmock: Any, k
             if str(r.method).upper().endswith("PATCH") and r.url.path == POOL_PATH + "/status"
         ]
         assert status_writes == []
+        assert timer_runs(metrics) == 1  # every readiness change above came through the watch

@@ -72,6 +72,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from llmpool.children import free_port, http_get, spawn, terminate
+
 # Only the standard library at import time: the CLI imports this module to build its parser.
 if TYPE_CHECKING:
     import http.client
@@ -654,15 +656,7 @@ class _Child:
         self.name = name
         self.log_path = log_path
         with open(log_path, "wb") as out:
-            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                list(cmd),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-            )
+            self.proc: subprocess.Popen[bytes] = spawn(cmd, out, env=env, die_with_parent=False)
 
     @property
     def pid(self) -> int:
@@ -679,26 +673,7 @@ class _Child:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, grace_s: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
-def _http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return int(r.status), r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return int(e.code), ""
+        terminate(self.proc, grace_s, kill_wait_s=5.0)
 
 
 # ------------------------------------------------------------------------------------ backend
@@ -813,8 +788,6 @@ def backend_config(port: int, admin_port: int) -> dict[str, Any]:
 def _start_backend(workdir: Path, envoy: str, concurrency: int) -> tuple[_Child, int]:
     import yaml
 
-    from llmpool.gateway import free_port
-
     port, admin = free_port(), free_port()
     cfg = workdir / "backend.yaml"
     cfg.write_text(yaml.safe_dump(backend_config(port, admin), sort_keys=False))
@@ -837,7 +810,7 @@ def _start_backend(workdir: Path, envoy: str, concurrency: int) -> tuple[_Child,
         if not child.alive():
             raise BenchError(f"the backend Envoy exited at start-up:\n{child.tail()}")
         with contextlib.suppress(OSError, ValueError):
-            if _http_get(f"http://127.0.0.1:{admin}/ready")[0] == 200:
+            if http_get(f"http://127.0.0.1:{admin}/ready")[0] == 200:
                 return child, port
         time.sleep(0.05)
     child.stop()
@@ -850,8 +823,6 @@ def _start_picker(
     import grpc
     import yaml
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from llmpool.gateway import free_port
 
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     cfg = workdir / f"picker-{policy}.yaml"
@@ -930,7 +901,7 @@ def _picker_metrics(port: int) -> dict[str, Any]:
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        status, text = _http_get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        status, text = http_get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     except OSError:
         return {}
     if status != 200:
@@ -1373,7 +1344,7 @@ class _EnvoyRun:
 
         self.backend, self.backend_port = _start_backend(self.workdir, envoy, self.opts.envoy_concurrency)
         try:
-            parse_vllm_metrics(_http_get(f"http://127.0.0.1:{self.backend_port}/metrics")[1])
+            parse_vllm_metrics(http_get(f"http://127.0.0.1:{self.backend_port}/metrics")[1])
         except Exception as err:
             self.backend.stop()
             raise BenchError(f"the backend's /metrics does not parse: {err}") from None
@@ -1390,7 +1361,7 @@ class _EnvoyRun:
 
         assert self.backend is not None
         spec = gateway.EnvoySpec(
-            listen_port=gateway.free_port(), admin_port=gateway.free_port(), epp_port=None,
+            listen_port=free_port(), admin_port=free_port(), epp_port=None,
             fallback_endpoints=(f"127.0.0.1:{self.backend_port}",), concurrency=self.opts.envoy_concurrency,
         )  # fmt: skip
         with gateway.EnvoyProcess(spec) as gw:
@@ -1412,7 +1383,7 @@ class _EnvoyRun:
             pid = picker.pid
             samples: dict[str, Any] = {"policy": label, "pid": pid, "start": _rss_mib(pid)}
             spec = gateway.EnvoySpec(
-                listen_port=gateway.free_port(), admin_port=gateway.free_port(), epp_port=ports["grpc"],
+                listen_port=free_port(), admin_port=free_port(), epp_port=ports["grpc"],
                 epp_health_port=ports["health"], body_mode="FULL_DUPLEX_STREAMED",
                 concurrency=o.envoy_concurrency,
             )  # fmt: skip

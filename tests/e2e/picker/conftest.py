@@ -31,7 +31,8 @@ except ImportError:  # llmpool.picker itself missing
 if not _PICKER_IMPORTABLE:
     pytest.skip("llmpool.picker.server is not importable yet", allow_module_level=True)
 
-from llmpool.gateway import EnvoyProcess, EnvoySpec, free_port
+from llmpool.children import free_port
+from llmpool.gateway import EnvoyProcess, EnvoySpec
 from llmpool.procs import EmulatorProcess, PickerProcess, StartError
 
 __all__ = ["Emulator", "Picker", "StartError"]

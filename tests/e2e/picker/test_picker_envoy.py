@@ -18,7 +18,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmpool.gateway import free_port
+from llmpool.children import free_port
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "vllm-0.32"
 SUBSET_HEADER = "x-test-subset"
