@@ -338,11 +338,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rl_parser(sub)
 
+    pr = sub.add_parser("profile", help="step-cost profiles: list the built-ins, average calibrations")
+    prs = pr.add_subparsers(dest="profile_cmd", required=True, metavar="{list,average}")
+    prl = prs.add_parser("list", help="the built-in profiles")
+    prl.set_defaults(func=_cmd_profile_list)
+    pra = prs.add_parser(
+        "average",
+        help="one profile from several fits of one setup",
+        description="Average the time costs and host slowdowns of several profiles (e.g. each server of "
+        "a pair calibrated against the other); engine settings and the model must agree.",
+    )
+    pra.add_argument("profiles", nargs="+", metavar="PROFILE", help="profile YAML files or built-in names")
+    pra.add_argument("--name", required=True, help="the new profile's name")
+    pra.add_argument("--description", default="", help="what it describes (default: which fits it averages)")
+    pra.add_argument("--out", metavar="PROFILE", help="write the profile YAML here (default: print it)")
+    pra.set_defaults(func=_cmd_profile_average)
+
     s = sub.add_parser("scenarios", help="list the lab's named scenarios")
     s.set_defaults(func=_cmd_scenarios)
     pl = sub.add_parser("policies", help="list the registered routing policies")
     pl.set_defaults(func=_cmd_policies)
     return p
+
+
+def _cmd_profile_list(args: argparse.Namespace) -> int:
+    from llmpool.routing.profile import builtin_profiles, load_profile
+
+    for name in builtin_profiles():
+        print(f"{name:24s} {load_profile(name).description}")
+    return 0
+
+
+def _cmd_profile_average(args: argparse.Namespace) -> int:
+    from llmpool.routing.profile import ProfileError, average_profiles, load_profile
+    from llmpool.serving.calibrate import profile_yaml
+
+    if args.out:
+        _check_writable(Path(args.out).parent or Path("."), "--out")
+    try:
+        avg = average_profiles(
+            [load_profile(p) for p in args.profiles], name=args.name, description=args.description
+        )
+    except ProfileError as err:
+        raise _UsageError(str(err)) from None
+    text = profile_yaml(avg)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"profile: {args.out}")
+    else:
+        print(text, end="")
+    return 0
 
 
 def _cmd_scenarios(args: argparse.Namespace) -> int:

@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-import yaml
-
 from llmpool.children import http_get
 from llmpool.procs import (
     LocalServer,
@@ -116,7 +114,7 @@ MAX_NUM_SEQS: Final = 64
 
 def profile_yaml() -> str:
     """The engine profile of these servers, as profile YAML (``llmpool.routing.profile``)."""
-    return yaml.safe_dump(load_profile(PROFILE_NAME).model_dump(mode="json"), sort_keys=False)
+    return load_profile(PROFILE_NAME).to_yaml()
 
 
 # --------------------------------------------------------------------------------------- paths

@@ -14,6 +14,7 @@ duration and fast-forwarded and stepwise simulation agree to the picosecond.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -172,6 +173,53 @@ def load_profile(name_or_path: str) -> Profile:
         first = err.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
         raise ProfileError(f"{where}: {loc}: {first['msg']}") from None
+
+
+def average_profiles(profiles: Sequence[Profile], *, name: str, description: str = "") -> Profile:
+    """One profile whose every time cost and slowdown is the mean of ``profiles`` (several
+    calibrations of one setup, e.g. each server of a pair fitted against the other).
+
+    Counts and switches (engine settings, ``servers_per_host``) and the model must agree: a
+    mean of different engines describes none of them, so a difference is a
+    :class:`ProfileError` naming the field. Hardware descriptions and provenance are joined.
+    """
+    if not profiles:
+        raise ProfileError("average: no profiles given")
+    if not name.strip():
+        raise ProfileError("average: the profile needs a name")
+    dumps = [p.model_dump(mode="json") for p in profiles]
+
+    def mean(values: list[Any], where: str) -> Any:
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: mean([v[k] for v in values], f"{where}.{k}" if where else k) for k in first}
+        if isinstance(first, float):
+            return round(sum(float(v) for v in values) / len(values), 4)
+        if any(v != first for v in values):
+            shown = " vs ".join(repr(v) for v in values)
+            raise ProfileError(
+                f"average: {where} differs between the profiles ({shown}); only fits of one setup average"
+            )
+        return first
+
+    def joined(values: list[str]) -> str:
+        return "; ".join(dict.fromkeys(v for v in values if v))
+
+    names = [p.name for p in profiles]
+    data = {
+        k: mean([d[k] for d in dumps], k) for k in ("step", "frontend_latency_ms", "engine", "host", "model")
+    }
+    data.update(
+        name=name,
+        description=description or f"mean of {len(profiles)} profiles: {', '.join(names)}",
+        hardware=joined([p.hardware for p in profiles]),
+        provenance={
+            "source": f"mean of {', '.join(names)}: " + joined([p.provenance.source for p in profiles]),
+            "method": joined([p.provenance.method for p in profiles]),
+            "date": max(p.provenance.date for p in profiles),
+        },
+    )
+    return Profile.model_validate(data)
 
 
 class StepTimer:
