@@ -553,6 +553,33 @@ def test_barrier_group_slowest_rank_sets_the_pace(ff: bool) -> None:
     assert s.imbalance_samples == 21
     assert s.imbalance_gmax_mean == pytest.approx(diff / 21, rel=1e-12)  # 2 max - total = |L0 - L1|
     assert s.imbalance_maxmin_mean == pytest.approx(diff / 21, rel=1e-12)
+    # both arrived at t = 0, so only step 1 (planned at 0, rank 0 alone) starts while arrivals last
+    assert s.imbalance_arrivals_samples == 1
+    assert s.imbalance_gmax_arrivals_mean == s.imbalance_maxmin_arrivals_mean == 2048
+
+
+@pytest.mark.parametrize("ff", [True, False])
+def test_imbalance_while_arrivals_last_leaves_out_the_drain(ff: bool) -> None:
+    # rank 0 decodes 200 tokens alone; request 1 (rank 1) arrives during that run, so every step
+    # that starts up to its arrival counts in the window, and the drain after it does not
+    t1 = 0.5
+    items = [item(0, 0.0, 100, 200), item(1, t1, 100, 5)]
+    res = run(items, ById({0: 0, 1: 1}), instances=2, group_size=2, fast_forward=ff)
+    rows = by_rid(res)
+    assert rows[1]["dispatch"] == round(t1 * PS_PER_S)
+    # by hand: the group's step starts, rank 0's load per step (rank 1 idle until t1)
+    starts, t = [], 0.0
+    for k in range(200):
+        starts.append(t)
+        t += step_s(100, 1, 0, 100 * 100 / 2) if k == 0 else step_s(1, 1, 100 + k)
+        if t > t1:
+            break
+    in_window = [x for x in starts if x <= t1]
+    loads = [100 + k for k in range(len(in_window))]
+    s = res.summary
+    assert s.imbalance_arrivals_samples == len(in_window)
+    assert s.imbalance_gmax_arrivals_mean == pytest.approx(sum(loads) / len(loads), rel=1e-12)
+    assert s.imbalance_samples > s.imbalance_arrivals_samples
 
 
 @pytest.mark.parametrize("ff", [True, False])
@@ -565,6 +592,15 @@ def test_imbalance_zero_for_identical_loads_on_independent_instances(ff: bool) -
     diff = [item(0, 0.0, 700, 200), item(1, 0.0, 100, 200)]
     res = run(diff, instances=2, fast_forward=ff)
     assert res.summary.imbalance_gmax_mean > 0 and res.summary.imbalance_maxmin_mean > 0
+    # every sample comes after the last arrival: none while arrivals last
+    assert res.summary.imbalance_arrivals_samples == 0
+    assert math.isnan(res.summary.imbalance_gmax_arrivals_mean)
+    # a late third arrival: the identical pair runs alone (no imbalance) until it comes
+    late = [*same, item(2, 1.0, 300, 50)]
+    res = run(late, instances=2, fast_forward=ff)
+    s = res.summary
+    assert 0 < s.imbalance_arrivals_samples < s.imbalance_samples
+    assert s.imbalance_gmax_arrivals_mean == 0.0 and s.imbalance_gmax_mean > 0
 
 
 # --------------------------------------------------------------------------------------------

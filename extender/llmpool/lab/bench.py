@@ -253,6 +253,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("throughput_window_tok_s", "tok/s (arrivals)", 1.0),
     ("preemptions", "preempt", 1.0),
     ("imbalance_gmax_mean", "imbal G*max-sum", 1.0),
+    ("imbalance_gmax_arrivals_mean", "imbal (arrivals)", 1.0),
 )
 
 

@@ -538,10 +538,16 @@ class StepGroup:
         self.seg_s0 = 0
         self.seg_n = 0
         self.seg_cum: np.ndarray | None = None  # cumulative end offsets (G > 1)
-        # DP imbalance accumulators (over barrier steps, G > 1)
+        # DP imbalance accumulators (over barrier steps, G > 1), over every step and over the
+        # steps that start while arrivals last (``arrivals_end_ps``: None until the simulator
+        # has seen the last arrival, then its time), without the drain tail of a finite workload
         self.steps = 0
         self.imb_gmax = 0
         self.imb_maxmin = 0
+        self.arrivals_end_ps: int | None = None
+        self.win_steps = 0
+        self.win_imb_gmax = 0
+        self.win_imb_maxmin = 0
         # Host contention (Profile.host): the other servers on this group's host, and how
         # much longer a step gets per neighbour by what that neighbour does (index: its
         # ``activity``). No neighbours: a host of its own.
@@ -736,14 +742,36 @@ class StepGroup:
         return finished
 
     def _account_imbalance(self, mx: int, mn: int, total: int, steps: int) -> None:
+        """One general step, accounted when it is planned (it starts at ``start_ps``)."""
         self.steps += steps
         self.imb_gmax += self.G * mx - total
         self.imb_maxmin += mx - mn
+        if self.arrivals_end_ps is None or self.start_ps <= self.arrivals_end_ps:
+            self.win_steps += steps
+            self.win_imb_gmax += self.G * mx - total
+            self.win_imb_maxmin += mx - mn
 
     def _account_imbalance_arrays(self, mx: np.ndarray, mn: np.ndarray, tot: np.ndarray) -> None:
-        self.steps += int(mx.shape[0])
-        self.imb_gmax += int((self.G * mx - tot).sum())
-        self.imb_maxmin += int((mx - mn).sum())
+        """A segment's steps, accounted when it ends (step ``j`` starts at ``start_ps +
+        seg_cum[j - 1]``)."""
+        k = int(mx.shape[0])
+        gmax = self.G * mx - tot
+        maxmin = mx - mn
+        self.steps += k
+        self.imb_gmax += int(gmax.sum())
+        self.imb_maxmin += int(maxmin.sum())
+        end = self.arrivals_end_ps
+        if end is None:
+            n_in = k
+        elif self.start_ps > end:
+            n_in = 0
+        else:
+            assert self.seg_cum is not None
+            n_in = 1 + int(np.searchsorted(self.seg_cum[: k - 1], end - self.start_ps, side="right"))
+        if n_in:
+            self.win_steps += n_in
+            self.win_imb_gmax += int(gmax[:n_in].sum())
+            self.win_imb_maxmin += int(maxmin[:n_in].sum())
 
     # --------------------------------------------------------------- observation
     def all_stats(self, now_ps: int) -> list[EngineStats]:

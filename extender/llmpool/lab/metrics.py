@@ -93,6 +93,10 @@ class RunSummary:
     imbalance_gmax_mean: float
     imbalance_maxmin_mean: float
     imbalance_samples: int
+    # the same over the steps (samples) while arrivals last: no drain tail; NaN when not measured
+    imbalance_gmax_arrivals_mean: float = float("nan")
+    imbalance_maxmin_arrivals_mean: float = float("nan")
+    imbalance_arrivals_samples: int = 0
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -134,6 +138,9 @@ def summarize(
     imbalance_gmax_sum: float,
     imbalance_maxmin_sum: float,
     imbalance_samples: int,
+    arrivals_imbalance_gmax_sum: float = 0.0,
+    arrivals_imbalance_maxmin_sum: float = 0.0,
+    arrivals_imbalance_samples: int = 0,
 ) -> RunSummary:
     e2e = _stats(log.e2e_s())
     ttft = _stats(log.ttft_s())
@@ -175,4 +182,15 @@ def summarize(
         imbalance_gmax_mean=imbalance_gmax_sum / k,
         imbalance_maxmin_mean=imbalance_maxmin_sum / k,
         imbalance_samples=imbalance_samples,
+        imbalance_gmax_arrivals_mean=(
+            arrivals_imbalance_gmax_sum / arrivals_imbalance_samples
+            if arrivals_imbalance_samples
+            else float("nan")
+        ),
+        imbalance_maxmin_arrivals_mean=(
+            arrivals_imbalance_maxmin_sum / arrivals_imbalance_samples
+            if arrivals_imbalance_samples
+            else float("nan")
+        ),
+        imbalance_arrivals_samples=arrivals_imbalance_samples,
     )

@@ -205,6 +205,9 @@ class Simulator:
         imb_gmax = 0.0
         imb_maxmin = 0.0
         imb_samples = 0
+        win_gmax = 0.0  # the same while arrivals last (independent instances)
+        win_maxmin = 0.0
+        win_samples = 0
         independent = self.cfg.group_size == 1 and len(self.endpoints) > 1
         policy = self.policy
         endpoints = self.endpoints
@@ -224,7 +227,9 @@ class Simulator:
             nonlocal seq, arrivals_done
             item = next(it, None)
             if item is None:
-                arrivals_done = True
+                arrivals_done = True  # at the last arrival's time: the drain starts
+                for g in self.groups:
+                    g.arrivals_end_ps = self._now_ps
             else:
                 t = round(item.request.arrival * PS_PER_S)
                 push(heap, (t, _ARRIVAL, seq, 0, item))
@@ -376,6 +381,10 @@ class Simulator:
                     imb_gmax += n_ep * mx - tot
                     imb_maxmin += mx - mn
                     imb_samples += 1
+                    if not arrivals_done:
+                        win_gmax += n_ep * mx - tot
+                        win_maxmin += mx - mn
+                        win_samples += 1
                     push(heap, (t + self.sample_ps, _SAMPLE, seq, 0, None))
                     seq += 1
                     sample_pending = True
@@ -388,6 +397,9 @@ class Simulator:
             imb_gmax = float(sum(g.imb_gmax for g in self.groups))
             imb_maxmin = float(sum(g.imb_maxmin for g in self.groups))
             imb_samples = steps
+            win_gmax = float(sum(g.win_imb_gmax for g in self.groups))
+            win_maxmin = float(sum(g.win_imb_maxmin for g in self.groups))
+            win_samples = sum(g.win_steps for g in self.groups)
         counters = [
             {
                 "preemptions": e.num_preemptions,
@@ -406,6 +418,9 @@ class Simulator:
             imbalance_gmax_sum=imb_gmax,
             imbalance_maxmin_sum=imb_maxmin,
             imbalance_samples=imb_samples,
+            arrivals_imbalance_gmax_sum=win_gmax,
+            arrivals_imbalance_maxmin_sum=win_maxmin,
+            arrivals_imbalance_samples=win_samples,
         )
         return RunResult(summary=summary, log=log, engine_counters=counters)
 
