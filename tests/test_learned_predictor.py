@@ -545,6 +545,19 @@ def test_gap_closed_needs_an_oracle_that_is_better() -> None:
     assert gap_closed(100.0, 150.0, 90.0, higher_is_better=True) is None
 
 
+def test_paired_difference_is_per_seed() -> None:
+    from llmpool.predict.lab import paired_difference
+
+    # a constant offset on every seed has no spread, however much the seeds differ
+    mean, sd = paired_difference([5.0, 9.0, 7.0], [4.0, 8.0, 6.0])
+    assert mean == pytest.approx(-1.0) and sd == pytest.approx(0.0)
+    mean, sd = paired_difference([5.0, 5.0], [4.0, 6.0])
+    assert mean == pytest.approx(0.0) and sd == pytest.approx(2**0.5)
+    assert paired_difference([1.0], [3.0]) == (2.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_difference([1.0, 2.0], [1.0])
+
+
 def test_lab_and_bench_commands_run_on_a_tiny_dataset(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

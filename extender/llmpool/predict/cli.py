@@ -265,6 +265,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plus_minus(mean: float, sd: float) -> str:
+    big = max(abs(mean), sd)
+    digits = 0 if big >= 100 else 2 if big >= 1 else 4
+    return f"{mean:+.{digits}f}±{sd:.{digits}f}"
+
+
 def _lab(args: argparse.Namespace) -> int:
     from llmpool.predict.data import split_by_prompt
     from llmpool.predict.lab import METRICS, run_lab
@@ -288,12 +294,16 @@ def _lab(args: argparse.Namespace) -> int:
           f"({args.profile}), {args.runs} seeds; prompts unseen in training")  # fmt: skip
     for pol, r in res["policies"].items():
         print(f"{pol}:")
-        print(f"  {'':10s}" + "".join(f"{k.replace('throughput_window', 'tput'):>14s}" for k in METRICS))
+        print(f"  {'':10s}" + "".join(f"{k.replace('throughput_window', 'tput'):>17s}" for k in METRICS))
         for var, means in r["means"].items():
-            print(f"  {var:10s}" + "".join(f"{means[k]:14.3f}" for k in METRICS))
+            print(f"  {var:10s}" + "".join(f"{means[k]:17.3f}" for k in METRICS))
         gaps = r["gap_closed"]
         cells = ["no gap" if gaps[k] is None else f"{gaps[k] * 100:.0f}%" for k in METRICS]
-        print(f"  {'gap closed':10s}" + "".join(f"{c:>14s}" for c in cells))
+        print(f"  {'gap closed':10s}" + "".join(f"{c:>17s}" for c in cells))
+        print("  minus survival on the same seed, mean ± std over seeds:")
+        for var, diffs in r["vs_survival"].items():
+            cells = [_plus_minus(*diffs[k]) for k in METRICS]
+            print(f"  {var:10s}" + "".join(f"{c:>17s}" for c in cells))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

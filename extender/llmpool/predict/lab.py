@@ -21,7 +21,7 @@ import numpy as np
 from llmpool.predict import PredictError
 from llmpool.predict.data import Example
 
-__all__ = ["alpaca_workload", "gap_closed", "run_lab"]
+__all__ = ["alpaca_workload", "gap_closed", "paired_difference", "run_lab"]
 
 METRICS = ("e2e_mean_s", "e2e_p99_s", "ttft_p99_s", "tpot_mean_s", "throughput_window_tok_s")
 
@@ -71,6 +71,15 @@ def gap_closed(
     if not math.isfinite(gap) or gap <= 1e-9 * max(abs(survival), 1.0):
         return None
     return (survival - learned) / (survival - oracle)
+
+
+def paired_difference(base: Sequence[float], other: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard deviation over seeds of ``other - base`` run on the same workload and
+    seed: the spread that says whether a difference of means is more than seed noise."""
+    if len(base) != len(other) or not base:
+        raise ValueError("paired_difference needs one value per seed on both sides")
+    d = np.asarray(other, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
 
 
 def run_lab(
@@ -132,8 +141,15 @@ def run_lab(
     }
     for pol in policies:
         means = {v: {m: float(np.mean([r[m] for r in runs[pol][v]])) for m in METRICS} for v in variants}
+        base = runs[pol]["survival"]
         out["policies"][pol] = {
             "means": means,
+            "per_seed": {v: {m: [float(r[m]) for r in runs[pol][v]] for m in METRICS} for v in variants},
+            # learned and oracle minus survival, paired by seed: (mean, std over seeds)
+            "vs_survival": {
+                v: {m: paired_difference([r[m] for r in base], [r[m] for r in runs[pol][v]]) for m in METRICS}
+                for v in ("learned", "oracle")
+            },
             "gap_closed": {
                 m: gap_closed(
                     means["survival"][m],
