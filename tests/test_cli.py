@@ -166,3 +166,30 @@ def test_bad_policy_params_on_the_command_line(spec: str, needle: str) -> None:
     r = llmpool("bench", "--scenario", "gie", "--policies", spec)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_barrier_group_sweep_plots_imbalance_with_and_without_the_drain(tmp_path: Path) -> None:
+    from llmpool.lab import bench
+
+    plan = bench.make_plan("balanceroute", policies=["jsq", "br0"], rate=None, seeds=2)
+    rows = [
+        {
+            "policy": pol,
+            "seed": seed,
+            "rate": rate,
+            "e2e_mean_s": 1.0 + rate,
+            "e2e_p99_s": 2.0 + rate,
+            "imbalance_gmax_mean": 1000.0 * rate * (2 if pol == "jsq" else 1),
+            "imbalance_gmax_arrivals_mean": 500.0 * rate + seed,
+        }
+        for pol in ("jsq", "br0")
+        for seed in (0, 1)
+        for rate in (4.0, 8.0)
+    ]
+    written = bench.plot(plan, rows, tmp_path)
+    names = sorted(p.name for p in written)
+    assert "balanceroute-imbalance.png" in names and "balanceroute-sweep.png" in names
+    assert (tmp_path / "balanceroute-imbalance.png").stat().st_size > 10_000
+    # independent replicas: no imbalance figure
+    gie = bench.make_plan("gie", policies=["jsq"], rate=None, seeds=1)
+    assert not any("imbalance" in p.name for p in bench.plot(gie, rows[:4], tmp_path / "gie"))

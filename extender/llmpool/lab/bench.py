@@ -400,4 +400,38 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+        if plan.scenario.group_size > 1:
+            written.append(_plot_imbalance(plan, rates, agg, label, outdir))
     return written
+
+
+def _plot_imbalance(
+    plan: BenchPlan,
+    rates: Sequence[float],
+    agg: dict[float, dict[str, dict[str, tuple[float, float]]]],
+    label: str,
+    outdir: Path,
+) -> Path:
+    """DP imbalance vs load for barrier groups: over every step, and while arrivals last."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    keys = ("imbalance_gmax_mean", "imbalance_gmax_arrivals_mean")
+    for pol in plan.policies:
+        for ax, key in zip(axes, keys, strict=True):
+            xs = [rt for rt in rates if key in agg[rt].get(pol, {})]
+            ys = [agg[rt][pol][key][0] / 1000 for rt in xs]
+            es = [agg[rt][pol][key][1] / 1000 for rt in xs]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=pol)
+    for ax, title in zip(axes, ("every step", "steps while arrivals last (no drain)"), strict=True):
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.set_title(f"imbalance G·max − Σ, {title}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("thousand KV tokens (mean ± std over seeds)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(label)
+    fig.tight_layout()
+    path = outdir / f"{label}-imbalance.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
