@@ -61,6 +61,8 @@ def test_average_is_the_mean_of_every_cost_and_joins_the_provenance() -> None:
     assert "8101 against 8102" in avg.provenance.source and "8102 against 8101" in avg.provenance.source
     assert avg.provenance.date == "2026-11-22"
     assert average_profiles([a], name="one").step == a.step
+    tiny = [a.model_copy(update={"frontend_latency_ms": v}) for v in (0.000123456, 0.000123456)]
+    assert average_profiles(tiny, name="t").frontend_latency_ms == 0.0001235  # not rounded to 0.0001
 
 
 @pytest.mark.parametrize(

@@ -193,8 +193,9 @@ def average_profiles(profiles: Sequence[Profile], *, name: str, description: str
         first = values[0]
         if isinstance(first, dict):
             return {k: mean([v[k] for v in values], f"{where}.{k}" if where else k) for k in first}
-        if isinstance(first, float):
-            return round(sum(float(v) for v in values) / len(values), 4)
+        if isinstance(first, float):  # 4 decimals, or 4 significant digits below 0.01
+            m = sum(float(v) for v in values) / len(values)
+            return round(m, 4) if abs(m) >= 0.01 else float(f"{m:.4g}")
         if any(v != first for v in values):
             shown = " vs ".join(repr(v) for v in values)
             raise ProfileError(
