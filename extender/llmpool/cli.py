@@ -381,12 +381,7 @@ def _cmd_profile_average(args: argparse.Namespace) -> int:
         )
     except ProfileError as err:
         raise _UsageError(str(err)) from None
-    text = profile_yaml(avg)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"profile: {args.out}")
-    else:
-        print(text, end="")
+    _emit_profile(profile_yaml(avg), args.out)
     return 0
 
 
@@ -718,13 +713,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     except CalibrationError as err:
         raise _UsageError(str(err)) from None
     print(cal.table())
-    text = profile_yaml(cal.profile)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"profile: {args.out}")
-    else:
-        print(text)
+    _emit_profile(profile_yaml(cal.profile), args.out)
     return 0
+
+
+def _emit_profile(text: str, out: str | None) -> None:
+    """Write profile YAML to ``out`` (and say where), or print it."""
+    if out:
+        Path(out).write_text(text)
+        print(f"profile: {out}")
+    else:
+        print(text, end="")
 
 
 def _check_writable(d: Path, flag: str) -> None:
