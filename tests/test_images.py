@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from llmpool.children import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"operator": ROOT / "operator" / "Dockerfile", "picker": ROOT / "extender" / "Dockerfile"}
 EXPECTED_PORTS = {"operator": {8080, 8081}, "picker": {9002, 9003, 9090}}
@@ -504,14 +506,6 @@ def test_picker_default_ports_match_the_exposed_ports(venv: Venv) -> None:
     assert args["host"] == "0.0.0.0"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _running(venv: Venv, argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     exe = shutil.which(argv[0], path=str(venv.bin))
@@ -534,8 +528,8 @@ def test_picker_serves_health_from_the_wheel_and_stops_on_sigterm(venv: Venv, tm
     health = pytest.importorskip("grpc_health.v1.health_pb2")
     health_grpc = pytest.importorskip("grpc_health.v1.health_pb2_grpc")
     entry = exec_form(last(PARSED["picker"][-1], "ENTRYPOINT"))  # type: ignore[arg-type]
-    ports = {"--grpc-port": _free_port(), "--health-port": _free_port(), "--metrics-port": _free_port()}
-    argv = [*entry, "--static-endpoints", f"127.0.0.1:{_free_port()}", "--plaintext", "--host", "127.0.0.1"]
+    ports = {"--grpc-port": free_port(), "--health-port": free_port(), "--metrics-port": free_port()}
+    argv = [*entry, "--static-endpoints", f"127.0.0.1:{free_port()}", "--plaintext", "--host", "127.0.0.1"]
     argv += [str(x) for kv in ports.items() for x in kv]
     log = tmp_path / "picker.log"
     with _running(venv, argv, log) as proc:

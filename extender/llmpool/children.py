@@ -16,12 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
-__all__ = ["free_port", "http_get", "kill_with_parent", "spawn", "terminate"]
+__all__ = ["PortAllocator", "free_port", "http_get", "kill_with_parent", "probe_port", "spawn", "terminate"]
 
 
 def _load_prctl() -> Any:
@@ -82,11 +84,53 @@ def terminate(proc: subprocess.Popen[bytes], grace_s: float, *, kill_wait_s: flo
     return proc.returncode
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind port 0, read it, close)."""
+def probe_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the kernel says is free now (bind port 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+class PortAllocator:
+    """Free TCP ports that are also distinct from the last ``memory`` ports this allocator gave.
+
+    The kernel picks ``bind(port 0)`` ports at random and forgets them once the probe socket closes,
+    so two probes a moment apart can return the same port: 500 probes in a row repeat a handful.
+    Callers hand a port to a child that binds it later (Envoy's admin, the picker's health port),
+    so a repeat makes two children of one run fight for one port. The allocator remembers what it
+    gave and probes again on a repeat.
+    """
+
+    def __init__(
+        self, probe: Callable[[str], int] = probe_port, *, memory: int = 4096, tries: int = 64
+    ) -> None:
+        self._probe = probe
+        self._memory = memory
+        self._tries = tries
+        self._given: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, host: str = "127.0.0.1") -> int:
+        with self._lock:
+            for _ in range(self._tries):
+                port = self._probe(host)
+                if port not in self._given:
+                    self._given[port] = None
+                    if len(self._given) > self._memory:
+                        self._given.popitem(last=False)
+                    return port
+        raise OSError(
+            f"no free TCP port on {host} that this process has not already handed out ({self._tries} probes)"
+        )
+
+
+_PORTS = PortAllocator()  # one per process, like the port space it tracks
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago and that no earlier call in this process returned
+    (among the last 4096), so ports picked for children started later never collide."""
+    return _PORTS.take(host)
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
