@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -208,6 +209,36 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["predictor", "eval", "--jsonl", str(tmp_path / "nope.jsonl"), "--model", "fast"]) == 2
     err = capsys.readouterr().err
     assert "nope.jsonl" in err and err.count("\n") == 1
+
+
+def test_fine_tuning_learning_rate_schedules() -> None:
+    from llmpool.predict.encoder import lr_factor
+
+    assert [lr_factor(k, 30, "constant") for k in (0, 15, 29)] == [1.0, 1.0, 1.0]
+    linear = [lr_factor(k, 30, "linear") for k in range(30)]
+    assert linear[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # warm-up: the first 10 % of 30 steps
+    assert all(a > b > 0 for a, b in itertools.pairwise(linear[2:]))  # then a steady fall
+    assert linear[-1] == pytest.approx(1 / 28)  # one step from zero
+    assert lr_factor(0, 1, "linear") == 1.0
+
+
+def test_train_rejects_an_unknown_schedule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmpool.cli import main
+
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "predictor",
+                "train",
+                "--tier",
+                "encoder",
+                "--schedule",
+                "cosine",
+                "--out",
+                str(tmp_path / "x.onnx"),
+            ]
+        )
+    assert "invalid choice: 'cosine'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ serving / fallback

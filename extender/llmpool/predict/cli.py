@@ -103,6 +103,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     t.add_argument("--lr", type=float, default=3e-5, help="encoder: fine-tuning learning rate (default 3e-5)")
     t.add_argument(
+        "--schedule",
+        choices=("constant", "linear"),
+        default="constant",
+        help="encoder: fine-tuning learning rate: constant, or linear warm-up (10 %%) and decay to 0",
+    )
+    t.add_argument(
         "--train-seed",
         type=int,
         default=None,
@@ -233,6 +239,7 @@ def _train(args: argparse.Namespace) -> int:
             layers=args.layers,
             epochs=args.epochs,
             lr=args.lr,
+            schedule=args.schedule,
             split=split,
         )
     print(

