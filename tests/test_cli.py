@@ -189,6 +189,7 @@ def test_barrier_group_sweep_plots_imbalance_with_and_without_the_drain(tmp_path
     written = bench.plot(plan, rows, tmp_path)
     names = sorted(p.name for p in written)
     assert "balanceroute-imbalance.png" in names and "balanceroute-sweep.png" in names
+    assert not any("-cdf" in n for n in names)  # rows without per-request latencies: no empty CDF
     assert (tmp_path / "balanceroute-imbalance.png").stat().st_size > 10_000
     # independent replicas: no imbalance figure
     gie = bench.make_plan("gie", policies=["jsq"], rate=None, seeds=1)

@@ -360,10 +360,11 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
         label += "-" + Path(plan.workload).name.split(".")[0]
     rates = sorted({rate_key(r) for r in rows})
     for rate in rates:
+        series = [r for r in rows if rate_key(r) == rate and np.size(r.get("_e2e", ())) > 0]
+        if not series:
+            continue  # no per-request latencies at this rate: no CDF to draw
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for r in rows:
-            if rate_key(r) != rate or "_e2e" not in r:
-                continue
+        for r in series:
             for ax, key in zip(axes, ("_e2e", "_ttft"), strict=True):
                 x = np.sort(r[key])
                 if x.size:
