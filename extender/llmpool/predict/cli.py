@@ -101,12 +101,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=3,
         help="encoder: epochs of full fine-tuning (default 3; 0 freezes the encoder: head only, ~20 s)",
     )
-    t.add_argument("--lr", type=float, default=3e-5, help="encoder: fine-tuning learning rate (default 3e-5)")
+    t.add_argument("--lr", type=float, default=5e-5, help="encoder: fine-tuning learning rate (default 5e-5)")
     t.add_argument(
         "--schedule",
         choices=("constant", "linear"),
-        default="constant",
-        help="encoder: fine-tuning learning rate: constant, or linear warm-up (10 %%) and decay to 0",
+        default="linear",
+        help="encoder: fine-tuning learning rate: linear (10 %% warm-up, decay to 0; default) or constant",
     )
     t.add_argument(
         "--train-seed",

@@ -301,7 +301,7 @@ def _fine_tune(
     epochs: int,
     lr: float,
     seed: int,
-    schedule: str = "constant",
+    schedule: str = "linear",
     batch: int = 16,
     on_batch: Callable[[int], object] | None = None,
 ) -> Any:
@@ -379,8 +379,8 @@ def train_encoder(
     alpha: float | None = None,
     layers: Sequence[int] = (4, 5),
     epochs: int = 3,
-    lr: float = 3e-5,
-    schedule: str = "constant",
+    lr: float = 5e-5,
+    schedule: str = "linear",
     split: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
