@@ -63,7 +63,7 @@ SCENARIOS: dict[str, Scenario] = {
             instances=4,
             workload="five-task",
             requests=4000,
-            rates=(40.0, 80.0, 120.0, 160.0, 200.0, 240.0, 280.0),
+            rates=(40.0, 80.0, 120.0, 160.0, 200.0, 240.0, 280.0, 320.0, 400.0),
             quick_requests=1500,
             quick_rates=(80.0, 160.0),
         ),
