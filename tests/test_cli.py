@@ -168,6 +168,16 @@ def test_bad_policy_params_on_the_command_line(spec: str, needle: str) -> None:
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_each_policy_keeps_one_distinct_look_in_every_plot() -> None:
+    from llmpool.lab import bench
+
+    names = [f'impact:{{"aging_s": {i + 1}}}' for i in range(12)]  # more than matplotlib's 10 colours
+    plan = bench.make_plan("paper-a", policies=names, rate=None, seeds=1)
+    looks = [bench.policy_style(plan, n) for n in names]
+    assert len({tuple(look["color"]) for look in looks}) == 12
+    assert bench.policy_style(plan, names[3]) == looks[3]
+
+
 def test_barrier_group_sweep_plots_imbalance_with_and_without_the_drain(tmp_path: Path) -> None:
     from llmpool.lab import bench
 

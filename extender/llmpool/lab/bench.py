@@ -346,6 +346,18 @@ def to_json(plan: BenchPlan, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def policy_style(plan: BenchPlan, policy: str) -> dict[str, Any]:
+    """One look per policy, the same in every figure of a run and distinct for up to 20
+    policies (matplotlib's default cycle repeats its colours after 10)."""
+    import matplotlib
+
+    i = list(plan.policies).index(policy) if policy in plan.policies else len(plan.policies)
+    return {"color": matplotlib.colormaps["tab20"](i % 20), "marker": _MARKERS[i % len(_MARKERS)]}
+
+
 def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[Path]:
     """Latency CDFs per policy (seed 0, each rate) and mean/p99 E2E vs load for sweeps."""
     import matplotlib
@@ -368,7 +380,8 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
             for ax, key in zip(axes, ("_e2e", "_ttft"), strict=True):
                 x = np.sort(r[key])
                 if x.size:
-                    ax.plot(x, np.arange(1, x.size + 1) / x.size, label=r["policy"])
+                    color = policy_style(plan, r["policy"])["color"]
+                    ax.plot(x, np.arange(1, x.size + 1) / x.size, color=color, label=r["policy"])
         for ax, title in zip(axes, ("E2E latency", "TTFT"), strict=True):
             ax.set_xscale("log")
             ax.set_xlabel("seconds")
@@ -389,7 +402,7 @@ def plot(plan: BenchPlan, rows: Sequence[dict[str, Any]], outdir: Path) -> list[
             for ax, key in zip(axes, ("e2e_mean_s", "e2e_p99_s"), strict=True):
                 ys = [agg[rt][pol][key][0] for rt in xs]
                 es = [agg[rt][pol][key][1] for rt in xs]
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=pol)
+                ax.errorbar(xs, ys, yerr=es, capsize=3, label=pol, **policy_style(plan, pol))
         for ax, title in zip(axes, ("mean E2E", "p99 E2E"), strict=True):
             ax.set_xlabel("arrival rate (req/s)")
             ax.set_ylabel("seconds")
@@ -423,7 +436,7 @@ def _plot_imbalance(
             xs = [rt for rt in rates if key in agg[rt].get(pol, {})]
             ys = [agg[rt][pol][key][0] / 1000 for rt in xs]
             es = [agg[rt][pol][key][1] / 1000 for rt in xs]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=pol)
+            ax.errorbar(xs, ys, yerr=es, capsize=3, label=pol, **policy_style(plan, pol))
     for ax, title in zip(axes, ("every step", "steps while arrivals last (no drain)"), strict=True):
         ax.set_xlabel("arrival rate (req/s)")
         ax.set_title(f"imbalance G·max − Σ, {title}", fontsize=10)
