@@ -578,3 +578,148 @@ async def test_engine_readiness_reaches_the_pool_without_the_timer(kmock: Any, k
         ]
         assert status_writes == []
         assert timer_runs(metrics) == 1  # every readiness change above came through the watch
+
+
+# --- the operator as a process: peering, liveness, metrics ---------------------------------
+
+PEERING = "llmpool-operator"
+PEERINGS = "kopf.dev/v1/clusterkopfpeerings"
+
+
+def _start_operator_process(
+    kubeconfig: Path, *, priority: int, metrics_port: int, liveness_port: int, log: Any
+) -> subprocess.Popen[bytes]:
+    """``llmpool operator`` exactly as the chart runs it (cluster-wide, peering), in a process."""
+    import os
+
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from llmpool.cli import main; sys.exit(main(sys.argv[1:]))",
+        "operator",
+        "--all-namespaces",
+        "--peering",
+        PEERING,
+        "--priority",
+        str(priority),
+        "--picker-image",
+        "llmpool/llmpool:test",
+        "--metrics-port",
+        str(metrics_port),
+        "--liveness-port",
+        str(liveness_port),
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+async def _http_get(url: str) -> tuple[int, str]:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            return resp.status, await resp.text()
+    except aiohttp.ClientError:
+        return 0, ""
+
+
+def _reconciles(exposition: str) -> float:
+    """``llmpool_operator_reconciles_total`` summed over its labels, from a metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(exposition)
+        for s in fam.samples
+        if s.name == "llmpool_operator_reconciles_total"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytestmark_kmock
+async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics(
+    kmock: Any, kubeconfig: Path, tmp_path: Path
+) -> None:
+    """Two ``llmpool operator`` processes peer through the ClusterKopfPeering, as the chart
+    deploys them: only the higher priority reconciles; when it exits, the other takes over.
+    Both serve /healthz and their Prometheus metrics while they run."""
+    import signal
+
+    from llmpool.children import free_port
+
+    support.register_crds(kmock)
+    kmock.resources[PEERINGS] = support.kmock.ResourceInfo(
+        kind="ClusterKopfPeering",
+        namespaced=False,
+        verbs={"list", "watch", "get", "create", "update", "patch", "delete"},
+    )
+    await api(
+        kmock,
+        "POST",
+        "/apis/kopf.dev/v1/clusterkopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}},
+    )
+
+    def peers() -> dict[str, Any]:
+        obj = kmock.objects[support.kmock.resource(PEERINGS), None, PEERING]
+        return dict(obj.raw.get("status") or {})
+
+    ports = {name: (free_port(), free_port()) for name in ("high", "low")}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ports}
+    try:
+        for name, prio in (("high", 200), ("low", 100)):
+            procs[name] = _start_operator_process(
+                kubeconfig,
+                priority=prio,
+                metrics_port=ports[name][0],
+                liveness_port=ports[name][1],
+                log=logs[name],
+            )
+
+        async def status(name: str, what: str) -> tuple[int, str]:
+            port = ports[name][0] if what == "metrics" else ports[name][1]
+            return await _http_get(f"http://127.0.0.1:{port}/{'metrics' if what == 'metrics' else 'healthz'}")
+
+        async def both_up() -> bool:
+            for name, proc in procs.items():
+                assert proc.poll() is None, f"operator {name} exited: {(tmp_path / f'{name}.log').read_text()}"
+                if (await status(name, "healthz"))[0] != 200:
+                    return False
+            return len(peers()) == 2
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await both_up():
+            assert asyncio.get_running_loop().time() < deadline, "operators did not come up and peer"
+            await asyncio.sleep(0.2)
+        assert sorted(p["priority"] for p in peers().values()) == [100, 200]
+        await asyncio.sleep(1.0)  # the low-priority one has seen the high one and paused
+
+        await create_pool_and_settle(kmock, pool_body())
+        await wait_for(lambda: pool_status(kmock).get("observedGeneration") == 1, what="observedGeneration 1")
+        high = _reconciles((await status("high", "metrics"))[1])
+        low = _reconciles((await status("low", "metrics"))[1])
+        assert high >= 1 and low == 0, (high, low)
+
+        # the active replica leaves (a rolling update, a node drain): the standby takes over
+        procs["high"].send_signal(signal.SIGTERM)
+        await asyncio.to_thread(procs["high"].wait, 30)
+        await wait_for(lambda: len(peers()) == 1, timeout=15, what="the leaver to drop out of the peering")
+        assert (await status("low", "healthz"))[0] == 200
+        await api(kmock, "PATCH", POOL_PATH, {"spec": {"routing": {"saturation": {"queueThreshold": 9}}}})
+        await wait_for(
+            lambda: pool_status(kmock).get("observedGeneration") == 2, timeout=20, what="the standby's reconcile"
+        )
+        cm = stored(kmock, "ConfigMap", "demo-picker")
+        assert cm is not None and "9" in yaml.safe_dump(cm["data"])
+        assert _reconciles((await status("low", "metrics"))[1]) >= 1
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.to_thread(proc.wait, 15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for f in logs.values():
+            f.close()
