@@ -587,7 +587,7 @@ PEERINGS = "kopf.dev/v1/clusterkopfpeerings"
 
 
 def _start_operator_process(
-    kubeconfig: Path, *, priority: int, metrics_port: int, liveness_port: int, log: Any
+    kubeconfig: Path, *, priority: int, metrics_port: int, liveness_port: int, log: Path
 ) -> subprocess.Popen[bytes]:
     """``llmpool operator`` exactly as the chart runs it (cluster-wide, peering), in a process."""
     import os
@@ -611,7 +611,8 @@ def _start_operator_process(
         "--liveness-port",
         str(liveness_port),
     ]
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 async def _http_get(url: str) -> tuple[int, str]:
@@ -666,7 +667,6 @@ async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics
 
     ports = {name: (free_port(), free_port()) for name in ("high", "low")}
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ports}
     try:
         for name, prio in (("high", 200), ("low", 100)):
             procs[name] = _start_operator_process(
@@ -674,7 +674,7 @@ async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics
                 priority=prio,
                 metrics_port=ports[name][0],
                 liveness_port=ports[name][1],
-                log=logs[name],
+                log=tmp_path / f"{name}.log",
             )
 
         async def status(name: str, what: str) -> tuple[int, str]:
@@ -683,7 +683,8 @@ async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics
 
         async def both_up() -> bool:
             for name, proc in procs.items():
-                assert proc.poll() is None, f"operator {name} exited: {(tmp_path / f'{name}.log').read_text()}"
+                log = (tmp_path / f"{name}.log").read_text()
+                assert proc.poll() is None, f"operator {name} exited: {log}"
                 if (await status(name, "healthz"))[0] != 200:
                     return False
             return len(peers()) == 2
@@ -708,7 +709,9 @@ async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics
         assert (await status("low", "healthz"))[0] == 200
         await api(kmock, "PATCH", POOL_PATH, {"spec": {"routing": {"saturation": {"queueThreshold": 9}}}})
         await wait_for(
-            lambda: pool_status(kmock).get("observedGeneration") == 2, timeout=20, what="the standby's reconcile"
+            lambda: pool_status(kmock).get("observedGeneration") == 2,
+            timeout=20,
+            what="the standby's reconcile",
         )
         cm = stored(kmock, "ConfigMap", "demo-picker")
         assert cm is not None and "9" in yaml.safe_dump(cm["data"])
@@ -721,5 +724,3 @@ async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics
                     await asyncio.to_thread(proc.wait, 15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        for f in logs.values():
-            f.close()
