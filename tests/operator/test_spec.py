@@ -4,6 +4,7 @@ are tested here, on the Python model that mirrors them."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,6 @@ CEL_CASES: list[tuple[dict[str, Any], str]] = [
         {"model": {"name": "m", "source": {"huggingFace": "a/b", "path": "/x"}}},
         "spec.model.source: exactly one of huggingFace, pvc, path must be set",
     ),
-    (_minimal(engine={"port": 65530}), "spec.engine.port:"),
     (_minimal(accelerator={"kind": "none", "count": 1}), "spec.accelerator: kind none takes no count"),
     (
         _pm(
@@ -146,6 +146,89 @@ CEL_CASES: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+# --- the CRD's CEL rules themselves, run by a CEL interpreter ---------------------------------
+# No kube-apiserver here to compile them; cel-python (a CEL implementation) compiles and runs
+# them on the defaulted object, as the API server does after defaulting. Kubernetes adds
+# library functions (quantity, url, ...) that our rules do not use.
+
+
+def _apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
+    """Structural-schema defaulting: a missing property with a default gets it, and defaults
+    apply inside every object present (including ones just defaulted)."""
+    if isinstance(obj, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in obj and "default" in sub:
+                obj[key] = copy.deepcopy(sub["default"])
+            if key in obj:
+                _apply_defaults(sub, obj[key])
+    elif isinstance(obj, list) and "items" in schema:
+        for item in obj:
+            _apply_defaults(schema["items"], item)
+    return obj
+
+
+def _cel_violations(schema: dict[str, Any], obj: Any, path: str = "spec") -> list[tuple[str, str]]:
+    """(path, message) of every CEL rule that evaluates false at a node present in ``obj``."""
+    import celpy
+
+    env = celpy.Environment()
+    out: list[tuple[str, str]] = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        prg = env.program(env.compile(rule["rule"]))
+        result = prg.evaluate({"self": celpy.json_to_cel(obj)})
+        if isinstance(result, Exception):
+            raise AssertionError(f"{path}: rule {rule['rule']!r} failed to evaluate: {result}")
+        if not bool(result):
+            out.append((path, rule["message"]))
+    if isinstance(obj, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in obj:
+                out += _cel_violations(sub, obj[key], f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, item in enumerate(obj):
+            out += _cel_violations(schema["items"], item, f"{path}.{i}")
+    return out
+
+
+def test_every_cel_rule_compiles() -> None:
+    import celpy
+
+    env = celpy.Environment()
+    for rule in _cel_rules(SPEC_SCHEMA):
+        env.compile(rule)  # raises CELParseError on a syntax error
+
+
+@pytest.mark.parametrize(("raw", "fragment"), CEL_CASES, ids=lambda x: str(x)[:40])
+def test_each_cel_case_breaks_a_crd_rule(raw: dict[str, Any], fragment: str) -> None:
+    """The CRD's CEL rules reject the spec its Python mirror rejects, at the same place."""
+    violations = _cel_violations(SPEC_SCHEMA, _apply_defaults(SPEC_SCHEMA, copy.deepcopy(raw)))
+    assert violations, "no CEL rule of the CRD rejects it"
+    if fragment.startswith("spec"):
+        assert all(fragment.startswith(where) for where, _ in violations), (violations, fragment)
+
+
+def _valid_specs() -> list[dict[str, Any]]:
+    samples = [
+        yaml.safe_load(f.read_text())["spec"] for f in sorted((ROOT / "manifests/samples").glob("*.yaml"))
+    ]
+    return [
+        *samples,
+        _minimal(),
+        _minimal(minReplicas=1, maxReplicas=4),
+        _minimal(accelerator={"kind": "none"}),
+        _minimal(accelerator={"count": 4}, engine={"tensorParallelSize": 2, "dataParallelSize": 2}),
+        _minimal(engine={"port": 65527, "dataParallelSize": 8}, accelerator={"count": 8}),
+        _pm({"name": "a", "configMap": "c", "key": "k"}),
+        _pm({"name": "a", "volume": {"image": {"reference": "r"}}, "path": "m.onnx"}),
+    ]
+
+
+@pytest.mark.parametrize("raw", _valid_specs(), ids=lambda x: str(x)[:40])
+def test_valid_specs_pass_every_crd_rule_and_the_python_model(raw: dict[str, Any]) -> None:
+    assert _cel_violations(SPEC_SCHEMA, _apply_defaults(SPEC_SCHEMA, copy.deepcopy(raw))) == []
+    parse_spec(raw)
+
+
 @pytest.mark.parametrize(("raw", "fragment"), CEL_CASES, ids=lambda x: str(x)[:40])
 def test_cel_rules_are_enforced_in_python(raw: dict[str, Any], fragment: str) -> None:
     with pytest.raises(SpecError) as err:
@@ -159,6 +242,7 @@ BAD: list[tuple[Any, str]] = [
     ({}, "spec.model: Field required"),
     (_minimal(engine={"tensorParallelSize": 0}), "spec.engine.tensorParallelSize:"),
     (_minimal(engine={"dataParallelSize": 9}), "spec.engine.dataParallelSize:"),
+    (_minimal(engine={"port": 65528}), "spec.engine.port: Input should be less than or equal to 65527"),
     (_minimal(accelerator={"kind": "tpu"}), "spec.accelerator.kind:"),
     (_minimal(routing={"failureMode": "Maybe"}), "spec.routing.failureMode:"),
     (_minimal(routing={"policy": {"name": "nope"}}), "spec.routing.policy: unknown policy 'nope'"),
