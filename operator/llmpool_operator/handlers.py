@@ -77,6 +77,7 @@ class OperatorConfig:
     picker_image: str | None = None  # None: the builders' default
     drift_interval: float = 30.0
     drift_idle: float = 10.0
+    admission: bool = False  # register the validating admission handler (needs a webhook server)
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -148,6 +149,12 @@ class OperatorMetrics:
             "llmpool_operator_children_applied",
             "Child objects applied, by kind and action (created, patched, unchanged).",
             ["kind", "action"],
+            registry=self.registry,
+        )
+        self.admission = Counter(
+            "llmpool_operator_admission_reviews",
+            "LLMPool admission reviews answered by the validating webhook, by result (allowed, denied).",
+            ["result"],
             registry=self.registry,
         )
 
@@ -768,6 +775,29 @@ def build_registry(
     async def engine_readiness(body: Any, type: Any, logger: Any, **_: Any) -> None:
         # An event handler: no finalizer, no annotations, nothing written to the Deployment.
         await rec.follow_engine(body, type, logger)
+
+    if config.admission:
+
+        @kopf.on.validate(
+            GROUP,
+            VERSION,
+            PLURAL,
+            id="validate-spec",
+            operations=["CREATE", "UPDATE"],
+            side_effects=False,
+            registry=reg,
+        )
+        def validate_spec(body: Any, **_: Any) -> None:
+            # The same check the reconcile runs first: a spec refused here would only have
+            # turned the pool Degraded after it was stored.
+            result = "allowed"
+            try:
+                parse_spec(dict(body.get("spec") or {}))
+            except SpecError as err:
+                result = "denied"
+                raise kopf.AdmissionError(str(err), code=422) from None
+            finally:
+                metrics.admission.labels(result=result).inc()
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=reg)
     def forget(body: Any, **_: Any) -> None:

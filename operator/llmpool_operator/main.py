@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=8081, help="Prometheus port for operator metrics (0: off)"
     )
     p.add_argument("--liveness-port", type=int, default=8080, help="port of /healthz (0: off)")
+    p.add_argument(
+        "--webhook-port",
+        type=int,
+        default=0,
+        help="serve the validating admission webhook (HTTPS) on this port (default 0: off)",
+    )
+    p.add_argument("--webhook-cert", metavar="FILE", help="the webhook's TLS certificate (PEM)")
+    p.add_argument("--webhook-key", metavar="FILE", help="the webhook's TLS private key (PEM)")
     peer = p.add_mutually_exclusive_group()
     peer.add_argument(
         "--peering",
@@ -105,7 +113,10 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """``llmpool operator [flags]``: run until SIGINT/SIGTERM; returns the exit code."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.webhook_port and not (args.webhook_cert and args.webhook_key):
+        parser.error("--webhook-port needs --webhook-cert and --webhook-key (the API server calls HTTPS)")
     _setup_logging(args.log_format, args.verbose)
     metrics = OperatorMetrics()
     if args.metrics_port:
@@ -114,10 +125,17 @@ def run(argv: Sequence[str] | None = None) -> int:
         picker_image=args.picker_image or None,
         drift_interval=args.drift_interval,
         drift_idle=min(10.0, args.drift_interval / 3),
+        admission=bool(args.webhook_port),
     )
     registry = build_registry(config, metrics)
     settings = kopf.OperatorSettings()
     configure_settings(settings, persistence=args.persistence, posting=not args.no_events)
+    if args.webhook_port:
+        # Served by every replica (peering pauses reconciling, not admission); the chart
+        # ships the ValidatingWebhookConfiguration and the certificate, so Kopf manages neither.
+        settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0", port=args.webhook_port, certfile=args.webhook_cert, pkeyfile=args.webhook_key
+        )
     standalone = args.peering is None
     priority = args.priority
     if not standalone and priority is None:

@@ -38,6 +38,7 @@ CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): True,
     ("kopf.dev/v1", "KopfPeering"): True,
     ("kopf.dev/v1", "ClusterKopfPeering"): False,
+    ("cert-manager.io/v1", "Certificate"): True,
 }
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -63,6 +64,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
     },
     "standalone": {"peering": {"enabled": False}, "replicaCount": 1},
+    "webhook": {"webhook": {"enabled": True}},
+    "webhook-cert-manager-namespaced": {
+        "webhook": {
+            "enabled": True,
+            "failurePolicy": "Fail",
+            "certManager": {"enabled": True, "issuerKind": "ClusterIssuer", "issuerName": "internal-ca"},
+        },
+        "operator": {"scope": "namespaces", "watchNamespaces": ["llm"]},
+    },
     "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "namespaced": {"operator": {"scope": "namespaces", "watchNamespaces": ["llm", "team-a"]}},
     "customized": {
@@ -109,6 +119,11 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "standalone-replicas": ({"peering": {"enabled": False}}, "replicaCount > 1 needs peering.enabled"),
     "namespaced-empty": ({"operator": {"scope": "namespaces"}}, "operator.watchNamespaces"),
     "route-without-pool": ({"gateway": {"provider": "kgateway"}}, "gateway.route.pool is required"),
+    "webhook-issuer": (
+        {"webhook": {"enabled": True, "certManager": {"enabled": True}}},
+        "webhook.certManager.issuerName must name",
+    ),
+    "webhook-policy": ({"webhook": {"failurePolicy": "Maybe"}}, "/webhook/failurePolicy"),
 }
 
 
@@ -247,6 +262,8 @@ def test_template_validates(helm: Any, name: str) -> None:
         assert not kinds & {"ClusterKopfPeering", "KopfPeering"}
         (role,) = _by_kind(objs, "ClusterRole")
         assert all("kopf.dev" not in r["apiGroups"] for r in role["rules"])
+    elif name.startswith("webhook"):
+        _check_webhook(objs, args, cert_manager=name != "webhook")
     elif name == "servicemonitor":
         (sm,) = _by_kind(objs, "ServiceMonitor")
         assert (
@@ -266,6 +283,52 @@ def test_template_validates(helm: Any, name: str) -> None:
         assert all(
             o["metadata"]["name"].startswith("llmp") for o in objs if o["kind"] != "CustomResourceDefinition"
         )
+
+
+def _check_webhook(objs: list[dict[str, Any]], args: list[str], *, cert_manager: bool) -> None:
+    """The webhook's Service, configuration and certificate fit the operator's flags."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from llmpool_operator.main import build_parser
+
+    (cfg,) = _by_kind(objs, "ValidatingWebhookConfiguration")
+    (hook,) = cfg["webhooks"]
+    svc = next(o for o in _by_kind(objs, "Service") if o["metadata"]["name"].endswith("-webhook"))
+    ref = hook["clientConfig"]["service"]
+    assert (ref["name"], ref["namespace"], ref["port"]) == (svc["metadata"]["name"], NS, 443)
+    assert ref["path"] == "/validate-spec"  # Kopf serves a handler at /<its id>
+    assert hook["rules"][0]["resources"] == ["llmpools"] and hook["sideEffects"] == "None"
+    flags = build_parser().parse_args(args)
+    assert flags.webhook_port == 9443 and svc["spec"]["ports"][0]["targetPort"] == "webhook"
+    container = _container(objs)
+    assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+    (mount,) = container["volumeMounts"]
+    assert flags.webhook_cert == f"{mount['mountPath']}/tls.crt" and mount["readOnly"]
+    (dep,) = _by_kind(objs, "Deployment")
+    (vol,) = dep["spec"]["template"]["spec"]["volumes"]
+    secret_name = vol["secret"]["secretName"]
+    host = f"{svc['metadata']['name']}.{NS}.svc"
+    if cert_manager:
+        (cert,) = _by_kind(objs, "Certificate")
+        assert cert["spec"]["secretName"] == secret_name and host in cert["spec"]["dnsNames"]
+        inject = cfg["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        assert inject == f"{NS}/{cert['metadata']['name']}"
+        assert "caBundle" not in hook["clientConfig"] and hook["failurePolicy"] == "Fail"
+        assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["llm"]
+        return
+    (secret,) = [o for o in _by_kind(objs, "Secret") if o["metadata"]["name"] == secret_name]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(hook["clientConfig"]["caBundle"]))
+    leaf = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    # the API server verifies the serving certificate with the caBundle, for the Service's name
+    ca.public_key().verify(  # type: ignore[call-arg,union-attr]
+        leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), leaf.signature_hash_algorithm
+    )
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert host in sans.get_values_for_type(x509.DNSName)
+    assert hook["failurePolicy"] == "Ignore" and "namespaceSelector" not in hook
 
 
 @pytest.mark.parametrize("name", list(BAD_VALUES))

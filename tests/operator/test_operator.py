@@ -724,3 +724,131 @@ async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics
                     await asyncio.to_thread(proc.wait, 15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def _admission_review(obj: dict[str, Any], operation: str = "CREATE") -> dict[str, Any]:
+    gvk = {"group": "llmpool.io", "version": "v1alpha1", "kind": "LLMPool"}
+    gvr = {"group": "llmpool.io", "version": "v1alpha1", "resource": "llmpools"}
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0d5e8a42-7b1c-4f55-9d1e-1c9f6f0c2a11",
+            "kind": gvk,
+            "resource": gvr,
+            "requestKind": gvk,
+            "requestResource": gvr,
+            "name": obj["metadata"]["name"],
+            "namespace": obj["metadata"]["namespace"],
+            "operation": operation,
+            "userInfo": {"username": "kubernetes-admin"},
+            "object": obj,
+            "oldObject": None,
+            "dryRun": False,
+        },
+    }
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytestmark_kmock
+async def test_validating_webhook_over_https_refuses_a_bad_spec_with_the_reconcile_message(
+    kmock: Any, kubeconfig: Path, tmp_path: Path
+) -> None:
+    """``llmpool operator --webhook-port``: the API server's AdmissionReview over HTTPS gets
+    the spec model's one-line error for a bad spec, and an allow for a good one."""
+    import os
+    import signal
+    import ssl
+
+    from llmpool.children import free_port
+    from llmpool.picker.server import self_signed_credentials
+
+    support.register_crds(kmock)
+    cert, key = self_signed_credentials()  # SAN localhost
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from llmpool.cli import main; sys.exit(main(sys.argv[1:]))",
+        "operator",
+        "-n",
+        NS,
+        "--liveness-port",
+        "0",
+        "--metrics-port",
+        str(metrics_port),
+        "--webhook-port",
+        str(port),
+        "--webhook-cert",
+        str(tmp_path / "tls.crt"),
+        "--webhook-key",
+        str(tmp_path / "tls.key"),
+    ]
+    with open(tmp_path / "operator.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
+    url = f"https://localhost:{port}/validate-spec"
+
+    async def review(obj: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=_admission_review(obj), ssl=ctx) as resp,
+        ):
+            return resp.status, dict(await resp.json())
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "operator.log").read_text()[-3000:]
+            try:
+                status, good = await review(pool_body())
+                break
+            except aiohttp.ClientConnectorError:
+                assert asyncio.get_running_loop().time() < deadline, "the webhook never listened"
+                await asyncio.sleep(0.2)
+        assert status == 200 and good["response"]["allowed"] is True
+        assert good["response"]["uid"] == _admission_review(pool_body())["request"]["uid"]
+
+        status, bad = await review(pool_body(engine={"tensorParallelSize": 0}))
+        assert status == 200 and bad["response"]["allowed"] is False
+        assert bad["response"]["status"]["code"] == 422
+        message = bad["response"]["status"]["message"]
+        assert message.startswith("spec.engine.tensorParallelSize:") and "\n" not in message
+
+        # plain HTTP is refused: the webhook speaks TLS only
+        with pytest.raises(aiohttp.ClientError):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"http://localhost:{port}/validate-spec", json={}) as resp,
+            ):
+                await resp.read()
+
+        _, page = await _http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+        from prometheus_client.parser import text_string_to_metric_families
+
+        counts = {
+            s.labels["result"]: s.value
+            for fam in text_string_to_metric_families(page)
+            for s in fam.samples
+            if s.name == "llmpool_operator_admission_reviews_total"
+        }
+        assert counts == {"allowed": 1.0, "denied": 1.0}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_webhook_port_needs_certificate_files() -> None:
+    from llmpool_operator.main import run
+
+    with pytest.raises(SystemExit) as exc:
+        run(["--webhook-port", "9443"])
+    assert exc.value.code == 2

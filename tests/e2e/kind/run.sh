@@ -64,7 +64,7 @@ log "4. the operator from the Helm chart (our CRDs come with it; GIE's Inference
 helm upgrade -i llmpool "$REPO_ROOT/charts/llmpool" -n llmpool-system --create-namespace \
   --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
   --set picker.image.repository="${PICKER_IMAGE%:*}" --set picker.image.tag="${PICKER_IMAGE##*:}" \
-  --set image.pullPolicy=IfNotPresent --wait
+  --set image.pullPolicy=IfNotPresent --set webhook.enabled=true --wait
 kubectl wait --for condition=Established --timeout=60s crd/llmpools.llmpool.io
 
 log "5. operator rollout"
@@ -72,6 +72,27 @@ kubectl -n llmpool-system rollout status deploy/llmpool-operator --timeout=180s
 
 log "6. the example pool ${POOL_NS}/${POOL_NAME}"
 kubectl create namespace "$POOL_NS" --dry-run=client -o yaml | kubectl apply -f -
+# the admission webhook refuses what only the operator can check (an unknown policy parameter)
+bad_out="$(kubectl apply -f - 2>&1 <<YAML || true
+apiVersion: llmpool.io/v1alpha1
+kind: LLMPool
+metadata:
+  name: bad-params
+  namespace: ${POOL_NS}
+spec:
+  model:
+    name: m
+    source:
+      huggingFace: org/m
+  routing:
+    policy:
+      name: impact
+      params:
+        impactWeight: 1
+YAML
+)"
+echo "$bad_out"
+grep -q "denied the request: spec.routing.policy" <<<"$bad_out" || { echo "the webhook did not refuse a bad spec" >&2; exit 1; }
 kubectl apply -f "$REPO_ROOT/manifests/samples/llmpool-cpu.yaml"
 for child in "deploy/${POOL_NAME}-picker" "deploy/${POOL_NAME}-engine" "svc/${POOL_NAME}-picker" \
     "configmap/${POOL_NAME}-picker" "inferencepool/${POOL_NAME}"; do
