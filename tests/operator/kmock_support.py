@@ -7,11 +7,17 @@
   version instead of replaying every object.
 * :func:`register_crds` registers the LLMPool and InferencePool resources.
 * :func:`write_kubeconfig` points both the ``kubernetes`` client and Kopf at kmock.
+* :func:`start_operator_process` runs ``llmpool operator`` against such a kubeconfig.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -154,3 +160,31 @@ def write_kubeconfig(path: Path, server: str, namespace: str = "default") -> Pat
     }
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def start_operator_process(kubeconfig: Path, flags: list[str], log: Any) -> subprocess.Popen[bytes]:
+    """``llmpool operator <flags>`` in a child process talking to the API server of
+    ``kubeconfig``; its output goes to ``log`` (a binary file object)."""
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from llmpool.cli import main; sys.exit(main(sys.argv[1:]))",
+        "operator",
+        *flags,
+    ]
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo)
+
+
+async def stop_operator_process(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    """SIGTERM (Kopf's clean exit: it leaves the peering), then SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(proc.wait, grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await asyncio.to_thread(proc.wait)

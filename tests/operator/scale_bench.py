@@ -29,8 +29,6 @@ import contextlib
 import copy
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -252,23 +250,9 @@ def progress_line(text: str, stream: Any = sys.stderr) -> None:
 
 
 def start_operator(kubeconfig: Path, drift_interval: float, log: Any) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from llmpool.cli import main; sys.exit(main(sys.argv[1:]))",
-        "operator",
-        "-n",
-        NS,
-        "--metrics-port",
-        "0",
-        "--liveness-port",
-        "0",
-        "--drift-interval",
-        str(drift_interval),
-    ]
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    flags = ["-n", NS, "--metrics-port", "0", "--liveness-port", "0", "--drift-interval", str(drift_interval)]
+    proc: subprocess.Popen[bytes] = _load_support().start_operator_process(kubeconfig, flags, log)
+    return proc
 
 
 async def wait_until(
@@ -307,13 +291,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 sampler_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler_task
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        await asyncio.to_thread(proc.wait, 15)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        await asyncio.to_thread(proc.wait)
+                await support.stop_operator_process(proc)
 
 
 async def _measure(

@@ -590,29 +590,12 @@ def _start_operator_process(
     kubeconfig: Path, *, priority: int, metrics_port: int, liveness_port: int, log: Path
 ) -> subprocess.Popen[bytes]:
     """``llmpool operator`` exactly as the chart runs it (cluster-wide, peering), in a process."""
-    import os
-
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from llmpool.cli import main; sys.exit(main(sys.argv[1:]))",
-        "operator",
-        "--all-namespaces",
-        "--peering",
-        PEERING,
-        "--priority",
-        str(priority),
-        "--picker-image",
-        "llmpool/llmpool:test",
-        "--metrics-port",
-        str(metrics_port),
-        "--liveness-port",
-        str(liveness_port),
-    ]
+    flags = ["--all-namespaces", "--peering", PEERING, "--priority", str(priority)]
+    flags += ["--picker-image", "llmpool/llmpool:test"]
+    flags += ["--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port)]
     with open(log, "wb") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc: subprocess.Popen[bytes] = support.start_operator_process(kubeconfig, flags, out)
+    return proc
 
 
 async def _http_get(url: str) -> tuple[int, str]:
@@ -718,12 +701,7 @@ async def test_peering_one_active_replica_and_failover_with_liveness_and_metrics
         assert _reconciles((await status("low", "metrics"))[1]) >= 1
     finally:
         for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.to_thread(proc.wait, 15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            await support.stop_operator_process(proc)
 
 
 def _admission_review(obj: dict[str, Any], operation: str = "CREATE") -> dict[str, Any]:
@@ -757,8 +735,6 @@ async def test_validating_webhook_over_https_refuses_a_bad_spec_with_the_reconci
 ) -> None:
     """``llmpool operator --webhook-port``: the API server's AdmissionReview over HTTPS gets
     the spec model's one-line error for a bad spec, and an allow for a good one."""
-    import os
-    import signal
     import ssl
 
     from llmpool.children import free_port
@@ -769,28 +745,11 @@ async def test_validating_webhook_over_https_refuses_a_bad_spec_with_the_reconci
     (tmp_path / "tls.crt").write_bytes(cert)
     (tmp_path / "tls.key").write_bytes(key)
     port, metrics_port = free_port(), free_port()
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from llmpool.cli import main; sys.exit(main(sys.argv[1:]))",
-        "operator",
-        "-n",
-        NS,
-        "--liveness-port",
-        "0",
-        "--metrics-port",
-        str(metrics_port),
-        "--webhook-port",
-        str(port),
-        "--webhook-cert",
-        str(tmp_path / "tls.crt"),
-        "--webhook-key",
-        str(tmp_path / "tls.key"),
-    ]
+    flags = ["-n", NS, "--liveness-port", "0", "--metrics-port", str(metrics_port)]
+    flags += ["--webhook-port", str(port)]
+    flags += ["--webhook-cert", str(tmp_path / "tls.crt"), "--webhook-key", str(tmp_path / "tls.key")]
     with open(tmp_path / "operator.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = support.start_operator_process(kubeconfig, flags, log)
     ctx = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
     url = f"https://localhost:{port}/validate-spec"
 
@@ -839,11 +798,7 @@ async def test_validating_webhook_over_https_refuses_a_bad_spec_with_the_reconci
         }
         assert counts == {"allowed": 1.0, "denied": 1.0}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(proc.wait, 15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        await support.stop_operator_process(proc)
 
 
 def test_webhook_port_needs_certificate_files() -> None:
