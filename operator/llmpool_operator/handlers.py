@@ -792,7 +792,7 @@ def build_registry(
             # turned the pool Degraded after it was stored.
             result = "allowed"
             try:
-                parse_spec(dict(body.get("spec") or {}))
+                parse_spec(body.get("spec") or {})  # a non-mapping spec is a SpecError too
             except SpecError as err:
                 result = "denied"
                 raise kopf.AdmissionError(str(err), code=422) from None
