@@ -286,6 +286,8 @@ def test_render_variants() -> None:
         {"body_mode": "BUFFERED", "failure_mode_allow": True, "epp_health_port": 9003},
         {"body_mode": "BUFFERED", "epp_tls": True, "fallback_endpoints": ("localhost:8000",)},
         {"epp_port": None, "fallback_endpoints": ("127.0.0.1:8000", "127.0.0.1:8001")},
+        {"access_log_path": "/dev/null"},
+        {"epp_port": None, "fallback_endpoints": ("127.0.0.1:8000",), "access_log_path": "/dev/null"},
     ],
     ids=[
         "duplex",
@@ -294,6 +296,8 @@ def test_render_variants() -> None:
         "buffered-failopen-health",
         "buffered-tls-dns",
         "no-picker",
+        "duplex-access-log",
+        "no-picker-access-log",
     ],
 )
 def test_config_validates_with_envoy(kw: dict[str, Any], tmp_path: Path) -> None:
@@ -301,6 +305,22 @@ def test_config_validates_with_envoy(kw: dict[str, Any], tmp_path: Path) -> None
     path = write_config(spec, tmp_path)
     assert yaml.safe_load(path.read_text()) == render_envoy_config(spec)
     validate_config(path)
+
+
+def test_access_log_is_opt_in_and_names_its_fields() -> None:
+    def hcm(spec: EnvoySpec) -> dict[str, Any]:
+        listener = render_envoy_config(spec)["static_resources"]["listeners"][0]
+        return listener["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[no-any-return]
+
+    assert "access_log" not in hcm(_spec())
+    (log,) = hcm(_spec(access_log_path="/var/log/gw.json"))["access_log"]
+    assert log["typed_config"]["path"] == "/var/log/gw.json"
+    fmt = log["typed_config"]["log_format"]["json_format"]
+    assert fmt == gateway.ACCESS_LOG_FORMAT
+    assert fmt["ext_proc"] == f"%FILTER_STATE({gateway.EXT_PROC_FILTER}:TYPED)%"
+    assert fmt["upstream_first_byte_us"] == "%COMMON_DURATION(DS_RX_BEG:US_RX_BEG:us)%"
+    with pytest.raises(ValueError, match="access_log_path"):
+        _spec(access_log_path=" ")
 
 
 def test_full_duplex_needs_trailers_send(tmp_path: Path) -> None:

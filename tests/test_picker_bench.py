@@ -173,6 +173,30 @@ def test_table_and_stats() -> None:
     assert t.splitlines()[2].endswith("1.50") and "12,345" in t
 
 
+def test_timeline_medians_and_bad_log_lines(tmp_path: Path) -> None:
+    rows = [
+        {"request_received_us": 10, "upstream_sent_first_us": 50, "response_sent_last_us": 300,
+         "ext_proc": {"request_header_latency_us": 40, "response_body_total_latency_us": 7}},
+        {"request_received_us": 30, "upstream_sent_first_us": 70, "response_sent_last_us": 500,
+         "ext_proc": {"request_header_latency_us": 60}},
+        {"request_received_us": 20, "upstream_sent_first_us": "-", "response_sent_last_us": 400,
+         "ext_proc": "-"},
+    ]  # fmt: skip
+    m = bench.timeline_medians(rows)
+    assert m["requests"] == 3
+    assert (m["request in"], m["upstream sent"], m["response out"]) == (20, 60, 400)
+    assert m["picker: headers"] == 50 and m["picker: resp body"] == 7 and m["upstream 1st byte"] is None
+    assert "request in" in bench.timeline_table([{"path": "x", **m}])
+    log = tmp_path / "access.log"
+    log.write_text('{"request_received_us": 1}\n\n{"request_received_us": 2}\n')
+    assert [r["request_received_us"] for r in bench.read_access_log(str(log), 0, settle_s=0.1)] == [1, 2]
+    skip = len(log.read_text().splitlines()[0]) + 1
+    assert len(bench.read_access_log(str(log), skip, settle_s=0.1)) == 1
+    log.write_text('{"a": 1}\nnot json\n')
+    with pytest.raises(bench.BenchError, match=r"line 2 .* not JSON"):
+        bench.read_access_log(str(log), 0, settle_s=0.1)
+
+
 def test_backend_config_validates(tmp_path: Path) -> None:
     envoy = _envoy_or_skip()
     import yaml
@@ -207,12 +231,27 @@ def _smoke(tmp_path: Path, client: str) -> None:
         "--concurrency",
         "4",
     ]
+    if client == "python":
+        argv.append("--envoy-timeline")
     env = _run(argv, tmp_path)["envoy"]
     assert [r["path"] for r in env["latency"]] == [
         "direct",
         "envoy, no picker",
         "envoy + picker (least-requests, grpclib)",
     ]
+    if client == "python":  # the access logs' timeline of the two gateways' timed requests
+        bare, picked = env["timeline"]
+        assert (bare["path"], picked["path"]) == (
+            "envoy, no picker",
+            "envoy + picker (least-requests, grpclib)",
+        )
+        assert bare["requests"] == picked["requests"] == 30
+        assert bare["picker: headers"] is None and picked["picker: headers"] > 0
+        for t in (bare, picked):
+            assert 0 <= t["request in"] <= t["response out"]
+            assert t["upstream sent"] <= t["upstream 1st byte"] <= t["response out"]
+        # the routing answer comes before anything goes upstream
+        assert picked["picker: headers"] <= picked["upstream sent"]
     for r in env["latency"]:
         assert r["n"] == 30 and 0 < r["p50_ms"] <= r["p99_ms"]
     assert env["latency"][2]["added_p50_ms"] is not None

@@ -62,6 +62,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1300,6 +1301,77 @@ def _verdict(cpu: dict[str, float], ncpu: int) -> str:
     )
 
 
+# ------------------------------------------------------------------------------- the timeline
+# (column, access-log field, ext_proc field or None); all microseconds, medians over the timed requests
+TIMELINE_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("request in", "request_received_us", None),
+    ("picker: headers", "ext_proc", "request_header_latency_us"),
+    ("picker: body", "ext_proc", "request_body_total_latency_us"),
+    ("upstream sent", "upstream_sent_first_us", None),
+    ("upstream 1st byte", "upstream_first_byte_us", None),
+    ("picker: resp headers", "ext_proc", "response_header_latency_us"),
+    ("picker: resp body", "ext_proc", "response_body_total_latency_us"),
+    ("response out", "response_sent_last_us", None),
+)
+
+
+def read_access_log(
+    path: str, offset: int, settle_s: float = 1.0, timeout_s: float = 15.0
+) -> list[dict[str, Any]]:
+    """The JSON lines Envoy appended to ``path`` after byte ``offset``, once the file has stopped
+    growing for ``settle_s`` (the bench runs Envoy with ``--file-flush-interval-msec 100``). A line
+    that is not JSON is an error: the format is ours."""
+    import orjson
+
+    deadline = time.monotonic() + timeout_s
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = os.path.getsize(path) if os.path.exists(path) else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            break
+        time.sleep(0.1)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    rows: list[dict[str, Any]] = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            row = orjson.loads(ln)
+        except orjson.JSONDecodeError as err:
+            raise BenchError(f"{path}: line {i} after byte {offset} is not JSON: {err}") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def timeline_medians(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each :data:`TIMELINE_COLUMNS` value over ``rows`` (None where no row has it)."""
+    out: dict[str, Any] = {"requests": len(rows)}
+    for column, field, sub in TIMELINE_COLUMNS:
+        vals = []
+        for r in rows:
+            v = r.get(field)
+            if sub is not None:
+                v = v.get(sub) if isinstance(v, dict) else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                vals.append(float(v))
+        out[column] = round(statistics.median(vals)) if vals else None
+    return out
+
+
+def timeline_table(timeline: Sequence[dict[str, Any]]) -> str:
+    cols = [c for c, _, _ in TIMELINE_COLUMNS]
+    return _table(
+        ["path", "requests", *cols],
+        [[t["path"], t["requests"], *(t.get(c) for c in cols)] for t in timeline],
+        title="\n(d) Where the time goes (Envoy access log; medians, us): the phases counted from the "
+        "request's first byte at the gateway, and how long ext_proc waited for the picker's answer to "
+        "each message (request headers: until the routing answer, which needs the whole body):",
+    )
+
+
 class _EnvoyRun:
     """The Envoy part's phases over one backend; results accumulate in the lists."""
 
@@ -1318,16 +1390,33 @@ class _EnvoyRun:
         self.rss: list[dict[str, Any]] = []
         self.soak: list[dict[str, Any]] = []
         self.picker: dict[str, Any] = {}
+        self.timeline: list[dict[str, Any]] = []
+        self._logs = 0
 
     # -- helpers
-    def _latency(self, path: str, port: int, desc: str) -> None:
+    def _access_log(self, name: str) -> str | None:
+        """Where the gateway of phase ``name`` writes its access log (``--envoy-timeline``), or None."""
+        if not self.opts.envoy_timeline:
+            return None
+        self._logs += 1
+        return str(self.workdir / f"access-{self._logs}-{name}.log")
+
+    def _flush_args(self) -> tuple[str, ...]:
+        # Envoy writes file logs out every 10 s by default; the timeline reads them at once.
+        return ("--file-flush-interval-msec", "100") if self.opts.envoy_timeline else ()
+
+    def _latency(self, path: str, port: int, desc: str, access_log: str | None = None) -> None:
         o = self.opts
+        offset = Path(access_log).stat().st_size if access_log and Path(access_log).exists() else 0
         vals = sequential_latency(
             port, self.bodies, o.requests, o.latency_warmup, progress=o.progress, desc=desc
         )
         st = _stats(vals, 3)
         self.latency.append({"path": path, "n": int(st["n"]), "p50_ms": st["p50"], "p90_ms": st["p90"],
                              "p99_ms": st["p99"], "mean_ms": st["mean"], "max_ms": st["max"]})  # fmt: skip
+        if access_log:
+            rows = read_access_log(access_log, offset)
+            self.timeline.append({"path": path, **timeline_medians(rows[-o.requests :])})
 
     def _load(self, path: str, port: int, pids: dict[str, int], desc: str) -> LoadResult:
         r = self.driver.run(port, pids, duration_s=self.opts.duration, desc=desc)
@@ -1360,14 +1449,16 @@ class _EnvoyRun:
         from llmpool import gateway
 
         assert self.backend is not None
+        log = self._access_log("no-picker")
         spec = gateway.EnvoySpec(
             listen_port=free_port(), admin_port=free_port(), epp_port=None,
             fallback_endpoints=(f"127.0.0.1:{self.backend_port}",), concurrency=self.opts.envoy_concurrency,
+            access_log_path=log,
         )  # fmt: skip
-        with gateway.EnvoyProcess(spec) as gw:
+        with gateway.EnvoyProcess(spec, extra_args=self._flush_args()) as gw:
             assert gw.pid is not None
             _wait_serving(spec.listen_port, self.bodies[0])
-            self._latency("envoy, no picker", spec.listen_port, "envoy: latency")
+            self._latency("envoy, no picker", spec.listen_port, "envoy: latency", log)
             pids = {"gateway": gw.pid, "backend": self.backend.pid}
             self._load("envoy, no picker", spec.listen_port, pids, "envoy: load")
 
@@ -1382,19 +1473,20 @@ class _EnvoyRun:
         try:
             pid = picker.pid
             samples: dict[str, Any] = {"policy": label, "pid": pid, "start": _rss_mib(pid)}
+            log = self._access_log(policy)
             spec = gateway.EnvoySpec(
                 listen_port=free_port(), admin_port=free_port(), epp_port=ports["grpc"],
                 epp_health_port=ports["health"], body_mode="FULL_DUPLEX_STREAMED",
-                concurrency=o.envoy_concurrency,
+                concurrency=o.envoy_concurrency, access_log_path=log,
             )  # fmt: skip
-            with gateway.EnvoyProcess(spec) as gw:
+            with gateway.EnvoyProcess(spec, extra_args=self._flush_args()) as gw:
                 assert gw.pid is not None
                 pids = {"gateway": gw.pid, "backend": self.backend.pid, "picker": pid}
                 _wait_serving(spec.listen_port, self.bodies[0])
                 sequential_latency(spec.listen_port, self.bodies, 0, o.latency_warmup, progress=False,
                                    desc="warm-up")  # fmt: skip
                 samples["warm"] = _rss_mib(pid)
-                self._latency(name, spec.listen_port, f"{label}: latency")
+                self._latency(name, spec.listen_port, f"{label}: latency", log)
                 samples["latency"] = _rss_mib(pid)
                 sent = self._load(name, spec.listen_port, pids, f"{label}: load").requests
                 samples["load"] = _rss_mib(pid)
@@ -1480,6 +1572,8 @@ def run_envoy(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str, A
         _restore_sigterm(old_term)
 
     _print_envoy(out, run.latency, run.load, run.rss, run.soak, run.picker)
+    if run.timeline:
+        print(timeline_table(run.timeline), file=out)
     return {
         "client": "wrk" if wrk else "python-aiohttp",
         "bodies": summary,
@@ -1488,6 +1582,7 @@ def run_envoy(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str, A
         "picker_rss_mib": run.rss,
         "soak": run.soak,
         "picker": run.picker,
+        "timeline": run.timeline,
     }
 
 
@@ -1784,6 +1879,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--soak-every", type=_positive, default=10_000, help="RSS sample interval (default 10000)")
     e.add_argument("--envoy-concurrency", type=_positive, default=1, help="Envoy worker threads (default 1)")
+    e.add_argument(
+        "--envoy-timeline",
+        action="store_true",
+        help="give each gateway a JSON access log and print, per path, the median time from the "
+        "request's first byte to each phase and ext_proc's per-message latencies (the log costs "
+        "Envoy a little: compare latencies of runs with the same setting)",
+    )
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
