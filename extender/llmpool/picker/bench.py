@@ -1332,9 +1332,12 @@ def read_access_log(
         elif time.monotonic() - since >= settle_s:
             break
         time.sleep(0.1)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    except OSError as err:
+        raise BenchError(f"the gateway's access log cannot be read: {err}") from None
     rows: list[dict[str, Any]] = []
     for i, ln in enumerate(lines, 1):
         try:
