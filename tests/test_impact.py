@@ -97,6 +97,79 @@ def test_prompts_without_a_first_token_are_prefilled_first() -> None:
     assert off.ttft == pytest.approx(base.ttft)
 
 
+def _reference_terms(
+    est: ImpactEstimator, prompt: float, out: float, e: EndpointState, rem: float, cached: float
+) -> tuple[float, float, float, float, float]:
+    """The estimate composed from the readable CostModel methods (what ``terms`` writes out)."""
+    c, budget = est.cost, est.budget
+    n = float(e.running + e.pending_since_scrape)
+    kv = e.kv_load_tokens()
+    step_now = c.decode_step(max(n, 1.0), kv)
+    over = n + float(e.waiting) + 1.0 - est.max_seqs
+    wait = over * step_now * max(rem / n, 1.0) / n if over > 0 and n > 0 else 0.0
+    running_now = min(n, float(est.max_seqs))
+    prefill = c.prefill_extra(max(prompt - cached, 1.0), running_now, budget)
+    backlog = float(e.prefill_pending_tokens) if est.queued_prefill else 0.0
+    ahead = 0.0
+    if backlog > 0.0:
+        room = max(1.0, budget - running_now)
+        ahead = c.prefill_extra(backlog, running_now, budget) + math.ceil(backlog / room) * step_now
+    n_after = min(n + 1.0, float(est.max_seqs))
+    decode = max(out - 1.0, 0.0) * c.decode_step(n_after, kv + prompt + out / 2.0)
+    delta = max(0.0, c.decode_step(n_after, kv + prompt) - step_now)
+    kv_pen = 0.0
+    cap = float(e.kv_capacity_tokens)
+    need = kv + prompt + out + rem
+    if cap > 0 and need > cap:
+        frac = min(1.0, (need - cap) / max(prompt + out, 1.0))
+        kv_pen = frac * (c.c2 * (prompt + out) + step_now) * max(running_now, 1.0)
+    return (
+        wait + ahead + prefill + step_now,
+        decode,
+        running_now * prefill,
+        delta * min(rem, running_now * out),
+        kv_pen,
+    )
+
+
+@pytest.mark.parametrize("queued_prefill", [True, False])
+def test_estimator_terms_equal_the_cost_model_composition_exactly(queued_prefill: bool) -> None:
+    """The hot path writes the CostModel formulas out in line; it must give the same floats
+    (the lab's results are reproducible bit for bit), over states from idle to overflowing."""
+    rng = random.Random(7)
+    for profile in (A100, load_profile("h100-llama3-8b")):
+        est = ImpactEstimator(
+            CostModel(profile.step),
+            profile.engine,
+            max_seqs=rng.choice([None, 64]),
+            queued_prefill=queued_prefill,
+        )
+        for _ in range(2000):
+            cap = rng.choice([0, 10_000, 400_000])
+            e = ep(
+                0,
+                running=rng.choice([0, 1, 2, rng.randint(0, 300)]),
+                waiting=rng.choice([0, rng.randint(0, 50)]),
+                kv_tokens=rng.randint(0, 420_000) if cap else 0,
+                cap=cap or 1,
+            )
+            e.kv_capacity_tokens = cap
+            e.pending_since_scrape = rng.choice([0, rng.randint(0, 8)])
+            e.pending_tokens_since_scrape = rng.choice([0, rng.randint(0, 20_000)])
+            e.prefill_pending_tokens = rng.choice([0, rng.randint(1, 30_000)])
+            prompt = float(rng.choice([1, 2, rng.randint(1, 40_000)]))
+            out = float(rng.choice([1, rng.randint(1, 8_000)]))
+            rem = rng.choice([0.0, rng.uniform(0, 200_000)])
+            cached = float(rng.choice([0, rng.randint(0, int(prompt) - 1 if prompt > 1 else 0)]))
+            got = est.terms(prompt, out, e, rem, cached)
+            assert got == _reference_terms(est, prompt, out, e, rem, cached)
+            assert tuple(vars_of(est.estimate(prompt, out, e, rem, cached))) == got
+
+
+def vars_of(e: object) -> list[float]:
+    return [getattr(e, f) for f in ("ttft", "decode", "prefill_stall", "decode_slowdown", "kv_penalty")]
+
+
 def test_kv_pressure_penalty_only_when_overflowing() -> None:
     c = CostModel(S)
     est = ImpactEstimator(c, A100.engine)

@@ -130,44 +130,91 @@ class ImpactEstimator:
         With ``queued_prefill``, the prompts on ``ep`` that have not produced a first token
         (``ep.prefill_pending_tokens``) are prefilled before this one (vLLM schedules
         first come, first served): the request's TTFT includes the steps that carry them."""
+        return Estimate(*self.terms(prompt, expected_out, ep, remaining_others, cached))
+
+    def terms(
+        self,
+        prompt: float,
+        expected_out: float,
+        ep: EndpointState,
+        remaining_others: float,
+        cached: float = 0.0,
+    ) -> tuple[float, float, float, float, float]:
+        """:meth:`estimate`'s numbers as a tuple (ttft, decode, prefill stall, decode slowdown,
+        KV penalty), without the object: the policy's hot path, once per candidate endpoint.
+
+        The :class:`CostModel` formulas written out in line (its methods are the readable form;
+        a test holds the two to the same floats): a function call costs about as much as the
+        arithmetic it wraps, and this runs for every endpoint of every decision."""
         c = self.cost
+        ovh, c0, c1, c2 = c.ovh, c.c0, c.c1, c.c2
+        f_batch, a_dec = c.f_batch, c.a_dec
+        max_seqs = self.max_seqs
+        budget = self.budget
         n = float(ep.running + ep.pending_since_scrape)  # sequences in the batch soon
-        queued = float(ep.waiting)
         kv = ep.kv_load_tokens()
-        step_now = c.decode_step(max(n, 1.0), kv)
-        per_req_rem = remaining_others / n if n > 0 else 0.0
+        # step_now = decode_step(max(n, 1), kv)
+        n1 = n if n > 1.0 else 1.0
+        v = c1 + c2 * n1
+        step_now = ovh + (v if v > c0 else c0) + (f_batch if n1 > 1 else 1.0) * a_dec * kv
         # Waiting for a batch slot: completions come every step_now * per_req_rem / n.
-        over = n + queued + 1.0 - self.max_seqs
+        over = n + float(ep.waiting) + 1.0 - max_seqs
         wait = 0.0
         if over > 0 and n > 0:
-            wait = over * step_now * max(per_req_rem, 1.0) / n
-        running_now = min(n, float(self.max_seqs))
-        prefill = c.prefill_extra(max(prompt - cached, 1.0), running_now, self.budget)
+            per_req_rem = remaining_others / n
+            wait = over * step_now * (per_req_rem if per_req_rem > 1.0 else 1.0) / n
+        cap_seqs = float(max_seqs)
+        running_now = n if n < cap_seqs else cap_seqs
+        own = prompt - cached
+        prefill = self._prefill_extra(own if own > 1.0 else 1.0, running_now)
         ahead = 0.0
         backlog = float(ep.prefill_pending_tokens) if self.queued_prefill else 0.0
         if backlog > 0.0:
             # the steps that carry the prompts queued ahead, each a decode step plus its chunk
-            room = max(1.0, self.budget - running_now)
-            ahead = c.prefill_extra(backlog, running_now, self.budget) + math.ceil(backlog / room) * step_now
+            room = budget - running_now
+            room = room if room > 1.0 else 1.0
+            ahead = self._prefill_extra(backlog, running_now) + math.ceil(backlog / room) * step_now
         ttft = wait + ahead + prefill + step_now
-        n_after = min(n + 1.0, float(self.max_seqs))
-        step_after = c.decode_step(n_after, kv + prompt + expected_out / 2.0)
-        decode = max(expected_out - 1.0, 0.0) * step_after
+        n_after = n + 1.0
+        if n_after > cap_seqs:
+            n_after = cap_seqs
+        f_after = (f_batch if n_after > 1 else 1.0) * a_dec
+        v = c1 + c2 * n_after
+        lin_after = ovh + (v if v > c0 else c0)
+        # decode = (expected_out - 1) steps of decode_step(n_after, kv + prompt + expected_out / 2)
+        step_after = lin_after + f_after * (kv + prompt + expected_out / 2.0)
+        d = expected_out - 1.0
+        decode = (d if d > 0.0 else 0.0) * step_after
         # Impact on the others: every running decode is stalled by the prefill; each step of
         # the overlap (min(their remaining, ours)) is longer by one more sequence's cost.
         stall = running_now * prefill
-        delta = max(0.0, c.decode_step(n_after, kv + prompt) - c.decode_step(max(n, 1.0), kv))
-        overlap = min(remaining_others, running_now * expected_out)
-        slowdown = delta * overlap
+        delta = (lin_after + f_after * (kv + prompt)) - step_now
+        ours = running_now * expected_out
+        slowdown = (delta if delta > 0.0 else 0.0) * (remaining_others if remaining_others < ours else ours)
         cap = float(ep.kv_capacity_tokens)
         kv_pen = 0.0
         if cap > 0:
             need = kv + prompt + expected_out + remaining_others
             if need > cap:
                 # preemption by recompute: someone re-prefills; charge it to everyone stalled
-                frac = min(1.0, (need - cap) / max(prompt + expected_out, 1.0))
-                kv_pen = frac * (c.c2 * (prompt + expected_out) + step_now) * max(running_now, 1.0)
-        return Estimate(ttft, decode, stall, slowdown, kv_pen)
+                size = prompt + expected_out
+                frac = min(1.0, (need - cap) / max(size, 1.0))
+                kv_pen = frac * (c2 * size + step_now) * max(running_now, 1.0)
+        return ttft, decode, stall, slowdown, kv_pen
+
+    def _prefill_extra(self, prompt: float, n_seq: float) -> float:
+        """:meth:`CostModel.prefill_extra` at this engine's token budget, written out."""
+        c = self.cost
+        room = self.budget - n_seq
+        if room < 1.0:
+            room = 1.0
+        steps = math.ceil(prompt / room)
+        v = c.c1 + c.c2 * (n_seq + (prompt if prompt < room else room))
+        w = c.c1 + c.c2 * n_seq
+        c0 = c.c0
+        with_prompt = steps * (c.ovh + (v if v > c0 else c0)) - steps * (c.ovh + (w if w > c0 else c0))
+        f = c.f_batch if n_seq >= 1 else 1.0  # batched with decodes, or alone
+        return (with_prompt if with_prompt > 0.0 else 0.0) + f * c.a_pre * prompt * prompt / 2.0
 
 
 class ImpactParams(PolicyParams):
@@ -277,16 +324,17 @@ class ImpactPolicy(Policy):
         self, req: Request, ep: EndpointState, credit: dict[str, int] | None, remaining: float
     ) -> tuple[Estimate, float]:
         """The estimate for ``req`` on ``ep`` and its score (lower is better)."""
-        cached = 0.0
-        if credit:
-            blocks = credit.get(ep.name, 0)
-            cached = float(min(blocks * req.hash_block_tokens, req.prompt_tokens - 1))
-        est = self.estimator.estimate(
-            float(req.prompt_tokens), self._expected_len(req), ep, remaining, cached
+        t = self.estimator.terms(
+            float(req.prompt_tokens), self._expected_len(req), ep, remaining, _cached(req, ep, credit)
         )
+        return Estimate(*t), self._combine(t)
+
+    def _combine(self, t: tuple[float, float, float, float, float]) -> float:
+        """The score of an :meth:`ImpactEstimator.terms` answer: own E2E + weighted impact."""
+        ttft, decode, stall, slowdown, kv_pen = t
         p = self.p
-        impact = p.alpha * est.prefill_stall + (1.0 - p.alpha) * est.decode_slowdown
-        return est, est.own_e2e + p.impact_weight * impact + p.kv_weight * est.kv_penalty
+        impact = p.alpha * stall + (1.0 - p.alpha) * slowdown
+        return (ttft + decode) + p.impact_weight * impact + p.kv_weight * kv_pen
 
     def _score(self, req: Request, ep: EndpointState, credit: dict[str, int] | None = None) -> float:
         return self._assess(req, ep, credit, self._remaining(ep))[1]
@@ -339,8 +387,9 @@ class ImpactPolicy(Policy):
     ) -> tuple[list[EndpointState], dict[str, int] | None]:
         """The endpoints that compete for ``request`` and its prefix credit per endpoint name."""
         fresh = [ep for ep in eps if not ep.stale] or list(eps)
-        if self.p.hold:  # late binding: only endpoints with a free batch slot compete
-            fresh = [ep for ep in fresh if self._free_slots(ep) > 0] or fresh
+        if self.p.hold:  # late binding: only endpoints with a free batch slot compete (_free_slots > 0)
+            slots = self.estimator.max_seqs
+            fresh = [ep for ep in fresh if ep.inflight < slots] or fresh
         credit = (
             self._prefix.match(request.prefix_hashes)
             if self._prefix is not None and request.prefix_hashes
@@ -357,12 +406,25 @@ class ImpactPolicy(Policy):
         if not self._released(request, view):
             return Hold("saturated: released by predicted cost")
         fresh, credit = self._candidates(request, eps)
-        best: list[tuple[float, float, int]] = []
-        for ep in fresh:
-            best.append((self._score(request, ep, credit), self.rng.random(), ep.index))
+        # _score per endpoint, with what depends only on the request taken out of the loop
+        prompt = float(request.prompt_tokens)
+        expected = self._expected_len(request)
+        terms, combine, remaining, rand = (
+            self.estimator.terms,
+            self._combine,
+            self._remaining,
+            self.rng.random,
+        )
+        best = [
+            (
+                combine(terms(prompt, expected, ep, remaining(ep), _cached(request, ep, credit))),
+                rand(),
+                ep.index,
+            )
+            for ep in fresh
+        ]
         best.sort()
-        order = tuple(i for _, _, i in best)
-        return Route(order)
+        return Route(tuple(i for _, _, i in best))
 
     def _released(self, request: Request, view: PoolView) -> bool:
         """Whether this round releases ``request`` from the router queue (always, without
@@ -401,6 +463,13 @@ class ImpactPolicy(Policy):
                 self._pred_sum.pop(name, None)
         if output_tokens >= 0:  # < 0: the response failed; nothing to learn
             self.predictor.observe(request, output_tokens)
+
+
+def _cached(req: Request, ep: EndpointState, credit: dict[str, int] | None) -> float:
+    """Prompt tokens ``ep`` likely holds in its prefix cache (by the router's prefix index)."""
+    if not credit:
+        return 0.0
+    return float(min(credit.get(ep.name, 0) * req.hash_block_tokens, req.prompt_tokens - 1))
 
 
 def register_impact(reg: PolicyRegistry) -> None:
