@@ -475,6 +475,57 @@ def test_brh_caches_predictions_and_learns_online() -> None:
     assert pred.observed == [(100, 42)]
 
 
+def test_expected_projection_keeps_the_share_that_does_not_finish() -> None:
+    """projection 'expected': (p_fin, mu_rem) = (0.5, 2) -> half of the request leaves after 2
+    steps, half stays; 'drop' takes all of it away after c = 0.5 * 8 + 0.5 * 2 = 5 steps."""
+    pool = Pool(1)
+    pool.add(0, 10, generated=0, rid=100)
+    view = PoolView(now=0.0, endpoints=pool.endpoints)
+    exp = BalanceRouteH(
+        BRHParams(horizon=8, projection="expected"), PolicyContext(rng=random.Random(0)), CountingPredictor()
+    ).projected_loads(view)
+    drop = BalanceRouteH(BRHParams(horizon=8), PolicyContext(rng=random.Random(0)), CountingPredictor())
+    assert exp[0].tolist() == [10, 11] + [0.5 * (10 + h) for h in range(2, 9)]
+    assert drop.projected_loads(view)[0].tolist() == [10 + h for h in range(5)] + [0] * 4
+    # a request admitted in the round enters the same way (its own prediction at age 0)
+    pol = BalanceRouteH(
+        BRHParams(horizon=8, projection="expected"), PolicyContext(rng=random.Random(0)), CountingPredictor()
+    )
+    new = req(7, 20)
+    pol.decide(new, PoolView(now=0.0, endpoints=pool.endpoints, queue=[new]))
+    rnd = pol._round
+    assert rnd is not None and rnd.proj is not None
+    assert rnd.proj[0].tolist() == [30, 32] + [0.5 * (30 + 2 * h) for h in range(2, 9)]
+
+
+def test_weighted_drops_equal_unweighted_ones_at_weight_one() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n, h, k = 4, 16, 30
+        ends = rng.integers(0, n, k)
+        steps = rng.integers(1, h + 1, k)
+        loads = rng.integers(1, 5000, k).astype(np.float64)
+        base, grow = rng.uniform(0, 1e5, n), rng.integers(0, 50, n).astype(np.float64)
+        plain = project_loads(base, grow, ends, steps, loads, h)
+        assert np.array_equal(plain, project_loads(base, grow, ends, steps, loads, h, np.ones(k)))
+        half = project_loads(base, grow, ends, steps, loads, h, np.full(k, 0.5))
+        none = project_loads(base, grow, (), (), (), h)
+        assert np.allclose(half, (plain + none) / 2)
+
+
+@pytest.mark.parametrize("projection", ["drop", "expected"])
+def test_brh_oracle_projection_does_not_depend_on_the_mode(projection: str) -> None:
+    """With true lengths p_fin is 0 or 1, so both projections are the same."""
+    pool = Pool(2, groups=["pod0", "pod0"])
+    a = pool.add(0, 100, generated=10, rid=1)
+    b = pool.add(0, 50, generated=0, rid=2)
+    c = pool.add(1, 70, generated=3, rid=3)
+    truth = {a.id: 12, b.id: 100, c.id: 6}
+    pol = build("brh-oracle", {"horizon": 4, "projection": projection}, truth=truth.get)
+    proj = pol.projected_loads(PoolView(now=0.0, endpoints=pool.endpoints))  # type: ignore[attr-defined]
+    assert proj.tolist() == [[160, 162, 52, 53, 54], [73, 74, 75, 0, 0]]
+
+
 # --------------------------------------------------------------------------------------------
 # Through the simulator: late binding and the starvation guard
 # --------------------------------------------------------------------------------------------

@@ -596,11 +596,19 @@ def test_lab_and_bench_commands_run_on_a_tiny_dataset(
 
     out = tmp_path / "lab.json"
     args = ["predictor", "lab", "--jsonl", str(tiny), "--target", "chatty", "--requests", "40", "--runs", "1",
-            "--rate", "5", "--policies", "impact,brh", "--json", str(out)]  # fmt: skip
+            "--rate", "5", "--policies", 'impact,brh:{"horizon": 4, "projection": "expected"}',
+            "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     res = json.loads(out.read_text())
-    assert set(res["policies"]) == {"impact", "brh"}
-    assert set(res["policies"]["brh"]["means"]) == {"survival", "learned", "oracle"}
+    brh = 'brh:{"horizon": 4, "projection": "expected"}'
+    assert set(res["policies"]) == {"impact", brh}
+    assert set(res["policies"][brh]["means"]) == {"survival", "learned", "oracle"}
+    capsys.readouterr()
+    for bad, message in (("brh:{nope}", "not valid JSON"), ('brh:{"horizon": -1}', "horizon")):
+        assert main([*args[:-4], "--policies", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("llmpool: error: --policies: ") and message in err
+        assert len(err.splitlines()) == 1
     assert main(["predictor", "bench", "--jsonl", str(tiny), "-n", "20"]) == 0
     assert "fast:fast.onnx: p50" in capsys.readouterr().out
     assert main([*args[:4], "--target", "nobody"]) == 2

@@ -158,7 +158,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the generator whose answer lengths the requests have (default gpt4_1106_preview)",
     )
     lab.add_argument("--model", metavar="PATH", default="fast", help="the learned model (default fast)")
-    lab.add_argument("--policies", default="impact,brh", help="comma-separated (default impact,brh)")
+    lab.add_argument(
+        "--policies",
+        default="impact,brh",
+        help="comma-separated, each a name or name:{json params}, e.g. 'brh:{\"horizon\": 64}' "
+        "(default impact,brh)",
+    )
     lab.add_argument("--rate", type=float, default=30.0, help="arrivals per second (default 30)")
     lab.add_argument("--requests", type=int, default=3000, help="requests per run (default 3000)")
     lab.add_argument("--runs", type=int, default=3, help="seeds (default 3)")
@@ -291,7 +296,9 @@ def _lab(args: argparse.Namespace) -> int:
             f"{m.path} was trained on split {split}, not {want}: pass the same --seed/--test-fraction"
         )
     _, test = split_by_prompt(_load(args), args.test_fraction, args.seed)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    from llmpool.lab.bench import split_policies
+
+    policies = split_policies(args.policies)
     res = run_lab(
         test, args.target, predictor_model=args.model, policies=policies, rate=args.rate,
         requests=args.requests, seeds=args.runs, instances=args.instances, profile_name=args.profile,

@@ -82,6 +82,14 @@ def paired_difference(base: Sequence[float], other: Sequence[float]) -> tuple[fl
     return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
 
 
+def _variant_config(spec: dict[str, Any], variant: dict[str, Any] | None) -> dict[str, Any]:
+    """A policy spec with a variant's predictor (None: the policy's ``-oracle`` twin)."""
+    base = spec.get("params", {})
+    if variant is None:
+        return {"name": f"{spec['name']}-oracle", "params": base}
+    return {"name": spec["name"], "params": {**base, **variant}}
+
+
 def run_lab(
     examples: Sequence[Example],
     model: str,
@@ -96,9 +104,14 @@ def run_lab(
     group_size: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every (policy, predictor, seed); return per-configuration means and the gap closed."""
+    """Run every (policy, predictor, seed); return per-configuration means and the gap closed.
+
+    Each of ``policies`` is a name or ``name:{json params}`` (as ``llmpool bench`` takes them);
+    the variants differ only in the predictor, set over those parameters (the oracle variant is
+    the policy's ``-oracle`` twin with the same parameters)."""
     from tqdm import tqdm
 
+    from llmpool.lab.bench import policy_config
     from llmpool.lab.sim import SimConfig, Simulator
     from llmpool.routing import builtin_registry
     from llmpool.routing.policy import PolicyContext
@@ -106,13 +119,21 @@ def run_lab(
 
     profile = load_profile(profile_name)
     reg = builtin_registry()
-    variants = {
+    variants: dict[str, dict[str, Any] | None] = {
         "survival": {"predictor": {"name": "survival"}},
         "learned": {
             "predictor": {"name": "learned", "params": {"model": predictor_model, "on_error": "raise"}}
         },
         "oracle": None,
     }
+    specs: dict[str, dict[str, Any]] = {}
+    for pol in policies:  # every spec checked (with each variant's predictor) before the first run
+        try:
+            specs[pol] = policy_config(pol)
+            for vparams in variants.values():
+                reg.validate(_variant_config(specs[pol], vparams))
+        except ValueError as err:  # a bad spec (BenchError) or bad parameters (ConfigError)
+            raise PredictError(f"--policies: {err}") from None
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {v: [] for v in variants} for p in policies}
     todo = [(p, v, s) for s in range(seeds) for p in policies for v in variants]
     bar = tqdm(todo, desc="lab runs", unit="run", disable=not progress)
@@ -120,9 +141,7 @@ def run_lab(
         wl = alpaca_workload(examples, model, n=requests, rate=rate, seed=seed)
         truth = {it.request.id: it.output_tokens for it in wl.items}.get
         ctx = PolicyContext(rng=random.Random(seed), truth=truth, profile=profile)
-        params = variants[var]
-        cfg: dict[str, Any] = {"name": f"{pol}-oracle"} if params is None else {"name": pol, "params": params}
-        policy = reg.build(cfg, ctx)
+        policy = reg.build(_variant_config(specs[pol], variants[var]), ctx)
         t0 = time.perf_counter()
         res = Simulator(profile, policy, SimConfig(instances=instances, group_size=group_size)).run(wl.items)
         row = {**res.summary.to_dict(), "sim_wall_s": time.perf_counter() - t0}

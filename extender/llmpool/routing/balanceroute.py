@@ -212,6 +212,7 @@ def project_loads(
     drop_step: Sequence[int] | npt.NDArray[np.int64],
     drop_load: Sequence[float] | Sequence[int] | F64,
     horizon: int,
+    drop_weight: F64 | None = None,
 ) -> F64:
     """Projected loads ``P[g, h]`` for ``h = 0..horizon`` with difference arrays (B.5).
 
@@ -219,8 +220,9 @@ def project_loads(
     one token per step). Request ``j`` on endpoint ``drop_endpoint[j]`` with load
     ``drop_load[j]`` now leaves after ``drop_step[j]`` steps (``1..horizon``): it is not counted
     from ``h = drop_step[j]`` on. Requests not listed stay for the whole horizon. So
-    ``P[g, h] = sum over requests on g still present at h of (load + h)``. Cost
-    ``O(len(drop_step) + endpoints * horizon)``.
+    ``P[g, h] = sum over requests on g still present at h of (load + h)``. With ``drop_weight``
+    only that fraction of request ``j`` leaves (an expected load: ``drop_load`` is then the
+    request's whole load, weighted here). Cost ``O(len(drop_step) + endpoints * horizon)``.
     """
     n = base.shape[0]
     h1 = horizon + 1
@@ -228,14 +230,34 @@ def project_loads(
     proj: F64 = base[:, None] + growing[:, None] * steps[None, :]
     if len(drop_step):
         flat = np.asarray(drop_endpoint, dtype=np.int64) * h1 + np.asarray(drop_step, dtype=np.int64)
-        gone = np.bincount(flat, minlength=n * h1).reshape(n, h1).cumsum(axis=1)
-        gone_load = (
-            np.bincount(flat, weights=np.asarray(drop_load, dtype=np.float64), minlength=n * h1)
-            .reshape(n, h1)
-            .cumsum(axis=1)
-        )
+        dl = np.asarray(drop_load, dtype=np.float64)
+        if drop_weight is None:
+            gone = np.bincount(flat, minlength=n * h1).reshape(n, h1).cumsum(axis=1)
+        else:
+            gone = np.bincount(flat, weights=drop_weight, minlength=n * h1).reshape(n, h1).cumsum(axis=1)
+            dl = dl * drop_weight
+        gone_load = np.bincount(flat, weights=dl, minlength=n * h1).reshape(n, h1).cumsum(axis=1)
         proj -= gone_load + gone * steps[None, :]
     return proj
+
+
+def _termination_entry(
+    answer: tuple[float, float], horizon: int, age: int, until: int, expected: bool
+) -> tuple[int, float, float]:
+    """``(reuse while age < this, finishing age, share leaving then)`` of a termination answer
+    ``(p_fin, mu_rem)`` (see ``BalanceRouteH._predict``); the finishing age is inf beyond the horizon."""
+    p_fin, mu_rem = answer
+    if expected:
+        if p_fin <= 0.0 or mu_rem >= horizon:
+            return until, _INF, 1.0
+        f, share = age + mu_rem, p_fin
+    else:
+        c = (1.0 - p_fin) * horizon + p_fin * mu_rem
+        if c >= horizon:
+            return until, _INF, 1.0
+        f, share = age + c, 1.0
+    fl = math.floor(f)  # age < floor(f) <=> f - age >= 1 for integer ages
+    return (until if until < fl else fl), f, share
 
 
 @lru_cache(maxsize=128)
@@ -358,6 +380,13 @@ class _HorizonParams(BR0Params):
         le=1024,
         description="Reuse a request's predicted finishing age for this many tokens of progress "
         "before asking the predictor again. Default 16.",
+    )
+    projection: Literal["drop", "expected"] = Field(
+        default="drop",
+        description="How a running request enters the projected loads. 'drop': it counts until "
+        "its clipped expected contribution c = (1 - p_fin) H + p_fin mu_rem runs out, then leaves "
+        "(the papers' description). 'expected': it leaves with probability p_fin after mu_rem "
+        "steps and otherwise stays for the whole horizon (the expected load). Default drop.",
     )
 
 
@@ -772,14 +801,17 @@ class BalanceRouteH(BalanceRoute):
         self._beta = params.beta
         self._steps: F64 = np.arange(params.horizon + 1, dtype=np.float64)
         self._reproject = params.reproject_tokens
+        self._expected = params.projection == "expected"
         self.predictor = predictor
         # Cached predictions of the requests in flight at the last round, sorted by request id:
         # reuse while age < _cache_until, predicted finishing age (inf: beyond the horizon).
         self._cache_id: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._cache_until: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._cache_finish: F64 = np.zeros(0, dtype=np.float64)
+        # the share of the request that leaves at its finishing age (1 with projection 'drop')
+        self._cache_weight: F64 = np.zeros(0, dtype=np.float64)
         # Predictions made since (requests admitted in between), same meaning.
-        self._fresh: dict[int, tuple[int, float]] = {}
+        self._fresh: dict[int, tuple[int, float, float]] = {}
 
     # ------------------------------------------------------------------ interface
     def fallback_status(self) -> Mapping[str, str]:
@@ -796,37 +828,40 @@ class BalanceRouteH(BalanceRoute):
             request.prediction = self.predictor.predict(request)
 
     # ------------------------------------------------------------------ projection
-    def _predict(self, request: Request, age: int, known: bool) -> tuple[int, float]:
-        """``(reuse while age < this, finishing age)`` from the termination classifier.
+    def _predict(self, request: Request, age: int, known: bool) -> tuple[int, float, float]:
+        """``(reuse while age < this, finishing age, share leaving then)`` from the termination
+        classifier.
 
-        The clipped remaining contribution is ``c = (1 - p_fin) H + p_fin mu_rem``; the request
-        is taken to finish at ``age + c`` (never within the horizon when ``c >= H``). The answer
-        is reused for ``reproject_tokens`` tokens of progress (the first time for ``1 + id %
-        reproject_tokens`` tokens, so that requests admitted together do not all expire in the
-        same round) and until fewer than one step remains (the request outlived it).
+        Projection ``drop``: the clipped remaining contribution is ``c = (1 - p_fin) H + p_fin
+        mu_rem``; the whole request is taken to finish at ``age + c`` (never within the horizon
+        when ``c >= H``). Projection ``expected``: the share ``p_fin`` finishes at ``age + mu_rem``
+        and the rest stays beyond the horizon. The answer is reused for ``reproject_tokens``
+        tokens of progress (the first time for ``1 + id % reproject_tokens`` tokens, so that
+        requests admitted together do not all expire in the same round) and until fewer than
+        one step remains (the request outlived it).
         """
-        h = self._h
-        p_fin, mu_rem = self.predictor.termination(request, age, h)
-        c = (1.0 - p_fin) * h + p_fin * mu_rem
-        until = age + (self._reproject if known else 1 + request.id % self._reproject)
-        if c >= h:
-            return until, _INF
-        f = age + c
-        return min(until, math.floor(f)), f  # age < floor(f) <=> f - age >= 1 for integer ages
+        return _termination_entry(
+            self.predictor.termination(request, age, self._h),
+            self._h,
+            age,
+            age + (self._reproject if known else 1 + request.id % self._reproject),
+            self._expected,
+        )
 
-    def _remaining(self, request: Request, age: int) -> float:
-        """Predicted steps until ``request`` (at ``age`` tokens) stops counting; inf: beyond H."""
+    def _remaining(self, request: Request, age: int) -> tuple[float, float]:
+        """Predicted steps until ``request`` (at ``age`` tokens) stops counting (inf: beyond H),
+        and the share of it that stops then."""
         rid = request.id
         ent = self._fresh.get(rid)
         if ent is None:
             ids = self._cache_id
             j = int(np.searchsorted(ids, rid))
             if j < ids.shape[0] and ids[j] == rid:
-                ent = (int(self._cache_until[j]), float(self._cache_finish[j]))
+                ent = (int(self._cache_until[j]), float(self._cache_finish[j]), float(self._cache_weight[j]))
         if ent is None or age >= ent[0]:
             ent = self._predict(request, age, ent is not None)
             self._fresh[rid] = ent
-        return ent[1] - age
+        return ent[1] - age, ent[2]
 
     def _measure(self, eps: Sequence[EndpointState], rnd: _Round) -> bool:
         """Walk every in-flight request once; project the loads over the horizon.
@@ -861,18 +896,27 @@ class BalanceRouteH(BalanceRoute):
             where = np.repeat(np.arange(n), counts)
             base = np.asarray(np.bincount(where, weights=load, minlength=n), dtype=np.float64)
             if h and acts:
-                rem = self._project_remaining(acts, age)
+                rem, share = self._project_remaining(acts, age)
                 drop = np.flatnonzero(rem < h)
                 steps = np.maximum(np.ceil(rem[drop]), 1.0).astype(np.int64)
-                proj = project_loads(base, counts.astype(np.float64), where[drop], steps, load[drop], h)
+                proj = project_loads(
+                    base,
+                    counts.astype(np.float64),
+                    where[drop],
+                    steps,
+                    load[drop],
+                    h,
+                    share[drop] if self._expected else None,
+                )
             else:
                 proj = project_loads(base, counts.astype(np.float64), (), (), (), h)
         rnd.proj = proj
         rnd.load = proj[:, 0].tolist()
         return exact
 
-    def _project_remaining(self, acts: list[ActiveRequest], age: npt.NDArray[np.int64]) -> F64:
-        """Predicted remaining steps of every in-flight request; refreshes the prediction cache."""
+    def _project_remaining(self, acts: list[ActiveRequest], age: npt.NDArray[np.int64]) -> tuple[F64, F64]:
+        """Predicted remaining steps of every in-flight request and the share of it that leaves
+        then (see :meth:`_predict`); refreshes the prediction cache."""
         ids = np.array([a.request.id for a in acts], dtype=np.int64)
         cid = self._cache_id
         if cid.shape[0]:
@@ -880,47 +924,39 @@ class BalanceRouteH(BalanceRoute):
             known = cid[pos] == ids
             until = np.where(known, self._cache_until[pos], 0)
             finish = np.where(known, self._cache_finish[pos], _INF)
+            weight = np.where(known, self._cache_weight[pos], 1.0)
         else:
             known = np.zeros(ids.shape[0], dtype=bool)
             until = np.zeros(ids.shape[0], dtype=np.int64)
             finish = np.full(ids.shape[0], _INF)
+            weight = np.ones(ids.shape[0])
         stale = np.flatnonzero(age >= until)
         if stale.shape[0]:
             fresh = self._fresh
             termination = self.predictor.termination
             h = self._h
             every = self._reproject
-            floor = math.floor
-            new_until: list[int] = []
-            new_finish: list[float] = []
+            expected = self._expected
+            new: list[tuple[int, float, float]] = []
             for j, a_j, k_j in zip(stale.tolist(), age[stale].tolist(), known[stale].tolist(), strict=True):
                 r = acts[j].request
                 ent = fresh.get(r.id) if fresh else None
                 if ent is not None and a_j < ent[0]:
-                    new_until.append(ent[0])
-                    new_finish.append(ent[1])
+                    new.append(ent)
                     continue
-                # inlined self._predict (this loop is the hot path of a round)
-                p_fin, mu_rem = termination(r, a_j, h)
-                c = (1.0 - p_fin) * h + p_fin * mu_rem
                 u = a_j + (every if k_j or ent is not None else 1 + r.id % every)
-                if c >= h:
-                    new_until.append(u)
-                    new_finish.append(_INF)
-                else:
-                    f = a_j + c
-                    fl = floor(f)
-                    new_until.append(u if u < fl else fl)
-                    new_finish.append(f)
-            until[stale] = new_until
-            finish[stale] = new_finish
+                new.append(_termination_entry(termination(r, a_j, h), h, a_j, u, expected))
+            until[stale] = [e[0] for e in new]
+            finish[stale] = [e[1] for e in new]
+            weight[stale] = [e[2] for e in new]
         self._fresh = {}
         order = np.argsort(ids, kind="stable")
         self._cache_id = ids[order]
         self._cache_until = until[order]
         self._cache_finish = finish[order]
+        self._cache_weight = weight[order]
         out: F64 = finish - age
-        return out
+        return out, weight
 
     def _apply(self, rnd: _Round, request: Request, g: int) -> None:
         proj = rnd.proj
@@ -928,11 +964,14 @@ class BalanceRouteH(BalanceRoute):
         s = float(request.prompt_tokens)
         h = self._h
         d = h + 1
+        share = 1.0
         if h:
-            rem = self._remaining(request, 0)
+            rem, share = self._remaining(request, 0)
             if rem < h:
                 d = max(1, math.ceil(rem))
         proj[g, :d] += s + self._steps[:d]
+        if share < 1.0 and d <= h:  # projection 'expected': the rest stays
+            proj[g, d:] += (1.0 - share) * (s + self._steps[d:])
 
     # ------------------------------------------------------------------ scores
     def _margins(self, rnd: _Round, members: list[int], workers: list[int]) -> F64:
