@@ -42,7 +42,6 @@ class _Stream:
     __slots__ = (
         "body",
         "body_mode",
-        "complete",
         "ended",
         "headers",
         "response_mode",
@@ -64,7 +63,6 @@ class _Stream:
         self.status = 0
         self.tap: ResponseTap | None = None
         self.ended = False  # an immediate response was sent, or the response's end of stream answered
-        self.complete = False  # the response ended normally (its accounting runs once it is answered)
 
 
 class StreamFailed(Exception):
@@ -103,8 +101,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 if st.ended:
                     # An immediate response, or the response's end of stream answered: the
                     # exchange is over. End the call ourselves rather than wait for Envoy to cancel
-                    # it (cancelled grpc.aio calls leave native memory behind). The request's
-                    # accounting (finally) runs after the last answer went out, off the response's path.
+                    # it (cancelled grpc.aio calls leave native memory behind).
                     return
         except Exception as err:  # never crash the server: end this stream with INTERNAL
             self.director.metrics.stream_errors.inc()
@@ -112,8 +109,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             raise StreamFailed(f"picker error: {type(err).__name__}") from err
         finally:
             self.open_streams -= 1
-            # the response's end answered (complete), or a client gone or a stream cut: release it
-            self._finish(st)
+            self._finish(st, complete=False)  # a client gone or a stream cut: release the request
 
     async def _handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """The answers to one message (a coroutine, not a generator: one per message is cheap)."""
@@ -135,7 +131,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             out.append(protocol.trailers_response(request=True))
             return out
         if kind == "response_trailers":
-            self._end_response(st)
+            self._finish(st, complete=True)
             return [protocol.trailers_response(request=False)]
         return []
 
@@ -234,7 +230,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 remove.append("content-length")
         self.director.metrics.responses.labels(str(st.status)).inc()
         if msg.response_headers.end_of_stream:
-            self._end_response(st)
+            self._finish(st, complete=True)
         return protocol.plain_headers_response(request=False, set_headers=set_headers, remove=remove)
 
     def _response_body(self, st: _Stream, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
@@ -242,12 +238,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         end = body.end_of_stream
         if tap is None or st.routed is None:
             if end:
-                self._end_response(st)
+                self._finish(st, complete=True)
             return [self._passthrough_body(st, body.body, end, request=False)]
         out = tap.feed(body.body, end)
         self.director.progress(st.routed, tap)
         if end:
-            self._end_response(st)
+            self._finish(st, complete=True)
         if st.response_mode == protocol.FULL_DUPLEX:
             if out is body.body or len(out) <= protocol.BODY_CHUNK_BYTES:
                 if not out and not end:
@@ -257,12 +253,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         changed = out is not body.body and out != body.body
         return [protocol.buffered_body_response(request=False, body=out if changed else None)]
 
-    @staticmethod
-    def _end_response(st: _Stream) -> None:
-        """The response ended normally: the exchange is over once this message is answered."""
-        st.ended = st.complete = True
-
-    def _finish(self, st: _Stream) -> None:
-        """Release the stream's request (once; every exit of :meth:`process` comes here)."""
+    def _finish(self, st: _Stream, *, complete: bool) -> None:
+        if complete:
+            st.ended = True
         if st.routed is not None and not st.routed.finished:
-            self.director.finish(st.routed, st.status, st.tap, complete=st.complete)
+            self.director.finish(st.routed, st.status, st.tap, complete=complete)
