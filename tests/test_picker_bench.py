@@ -195,6 +195,9 @@ def test_timeline_medians_and_bad_log_lines(tmp_path: Path) -> None:
     log.write_text('{"a": 1}\nnot json\n')
     with pytest.raises(bench.BenchError, match=r"line 2 .* not JSON"):
         bench.read_access_log(str(log), 0, settle_s=0.1)
+    log.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(bench.BenchError, match=r"line 2 .* not a JSON object"):
+        bench.read_access_log(str(log), 0, settle_s=0.1)
     with pytest.raises(bench.BenchError, match="access log cannot be read"):
         bench.read_access_log(str(tmp_path / "missing.log"), 0, settle_s=0.1, timeout_s=0.3)
 

@@ -1320,7 +1320,7 @@ def read_access_log(
 ) -> list[dict[str, Any]]:
     """The JSON lines Envoy appended to ``path`` after byte ``offset``, once the file has stopped
     growing for ``settle_s`` (the bench runs Envoy with ``--file-flush-interval-msec 100``). A line
-    that is not JSON is an error: the format is ours."""
+    that is not a JSON object is an error: the format is ours."""
     import orjson
 
     deadline = time.monotonic() + timeout_s
@@ -1344,8 +1344,9 @@ def read_access_log(
             row = orjson.loads(ln)
         except orjson.JSONDecodeError as err:
             raise BenchError(f"{path}: line {i} after byte {offset} is not JSON: {err}") from None
-        if isinstance(row, dict):
-            rows.append(row)
+        if not isinstance(row, dict):
+            raise BenchError(f"{path}: line {i} after byte {offset} is not a JSON object")
+        rows.append(row)
     return rows
 
 
