@@ -213,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--transport",
-        choices=("grpclib", "grpcio"),
+        choices=("grpclib", "grpcio", "h2"),
         default="grpclib",
-        help="gRPC implementation serving ext_proc and health: grpclib (default; on the event loop, "
-        "the faster) or grpcio (grpc.aio, gRPC's C core)",
+        help="gRPC implementation serving ext_proc and health: grpclib (default; on the event loop), "
+        "h2 (ours, on the h2 library: each message answered in the read that brought it) or "
+        "grpcio (grpc.aio, gRPC's C core)",
     )
     x.add_argument(
         "--event-loop",

@@ -1319,8 +1319,9 @@ def read_access_log(
     path: str, offset: int, settle_s: float = 1.0, timeout_s: float = 15.0
 ) -> list[dict[str, Any]]:
     """The JSON lines Envoy appended to ``path`` after byte ``offset``, once the file has stopped
-    growing for ``settle_s`` (the bench runs Envoy with ``--file-flush-interval-msec 100``). A line
-    that is not a JSON object is an error: the format is ours."""
+    growing for ``settle_s`` (the bench runs Envoy with ``--file-flush-interval-msec 100``); a line
+    that began before ``offset`` is not among them. A line that is not a JSON object is an error:
+    the format is ours."""
     import orjson
 
     deadline = time.monotonic() + timeout_s
@@ -1334,10 +1335,16 @@ def read_access_log(
         time.sleep(0.1)
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
-            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+            f.seek(max(0, offset - 1))
+            data = f.read()
     except OSError as err:
         raise BenchError(f"the gateway's access log cannot be read: {err}") from None
+    if offset > 0:
+        # Envoy writes its log out in blocks, so ``offset`` (the size when the caller looked)
+        # may fall inside a line: that line was logged before, and is not ours.
+        start = data.find(b"\n") + 1
+        data = data[start:] if start else b""
+    lines = [ln for ln in data.splitlines() if ln.strip()]
     rows: list[dict[str, Any]] = []
     for i, ln in enumerate(lines, 1):
         try:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmpool.aio import EVENT_LOOPS, run
 from llmpool.picker import protocol
-from llmpool.picker.servicer import ExtProcServicer
+from llmpool.picker.servicer import ExtProcServicer, _Stream
 from llmpool.picker.transport import TRANSPORTS, Listen, make_transport
 
 
@@ -30,32 +30,29 @@ class FloorServicer(ExtProcServicer):
         self.destination = destination
         self.open_streams = 0
 
-    async def process(
-        self, messages: AsyncIterator[pb.ProcessingRequest]
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        body: list[bytes] = []
-        self.open_streams += 1
-        try:
-            async for msg in messages:
-                kind = msg.WhichOneof("request")
-                if kind == "request_body":
-                    body.append(msg.request_body.body)
-                    if msg.request_body.end_of_stream:
-                        raw = b"".join(body)
-                        hdrs = {"content-length": str(len(raw))}
-                        yield protocol.routed_headers_response(self.destination, hdrs)
-                        yield protocol.streamed_body(raw, end=True, request=True)
-                elif kind == "response_headers":
-                    yield protocol.plain_headers_response(request=False)
-                elif kind == "response_body":
-                    rb = msg.response_body
-                    yield protocol.streamed_body(rb.body, end=rb.end_of_stream, request=False)
-                    if rb.end_of_stream:
-                        return
-                elif kind in ("request_trailers", "response_trailers"):
-                    yield protocol.trailers_response(request=kind == "request_trailers")
-        finally:
-            self.open_streams -= 1
+    async def handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        kind = msg.WhichOneof("request")
+        if kind == "request_body":
+            st.body.append(msg.request_body.body)
+            if msg.request_body.end_of_stream:
+                raw = b"".join(st.body)
+                hdrs = {"content-length": str(len(raw))}
+                return [
+                    protocol.routed_headers_response(self.destination, hdrs),
+                    protocol.streamed_body(raw, end=True, request=True),
+                ]
+        elif kind == "response_headers":
+            return [protocol.plain_headers_response(request=False)]
+        elif kind == "response_body":
+            rb = msg.response_body
+            st.ended = rb.end_of_stream
+            return [protocol.streamed_body(rb.body, end=rb.end_of_stream, request=False)]
+        elif kind in ("request_trailers", "response_trailers"):
+            return [protocol.trailers_response(request=kind == "request_trailers")]
+        return []
+
+    def close_stream(self, st: _Stream) -> None:
+        self.open_streams -= 1
 
 
 async def serve(port: int, health_port: int, destination: str, transport: str) -> None:

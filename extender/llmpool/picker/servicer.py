@@ -87,29 +87,52 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         except StreamFailed as err:
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
 
+    # A stream's life, for transports that drive it message by message (``h2``): open it,
+    # hand it each message in order, close it once, whatever happened.
+    def open_stream(self) -> _Stream:
+        self.open_streams += 1
+        return _Stream()
+
+    async def handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """The answers to one message of stream ``st``; ``st.ended`` says the exchange is over.
+        Raises :class:`StreamFailed` on an unexpected failure."""
+        try:
+            return await self._handle(st, msg)
+        except Exception as err:  # never crash the server: end this stream with INTERNAL
+            raise self._failed(err) from err
+
+    def close_stream(self, st: _Stream) -> None:
+        """The stream is gone (ended, cut or failed): release its request."""
+        self.open_streams -= 1
+        self._finish(st, complete=False)
+
+    def _failed(self, err: Exception) -> StreamFailed:
+        self.director.metrics.stream_errors.inc()
+        log.exception("ext_proc stream failed: %s", err)
+        return StreamFailed(f"picker error: {type(err).__name__}")
+
     async def process(
         self, messages: AsyncIterator[pb.ProcessingRequest]
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        """Answer one ext_proc stream. Ends (returns) once the exchange is over; raises
+        """Answer one ext_proc stream given as an async iterator (the ``grpclib`` and
+        ``grpcio`` transports). Ends (returns) once the exchange is over; raises
         :class:`StreamFailed` on an unexpected failure; the request is always released."""
-        st = _Stream()
-        self.open_streams += 1
+        st = self.open_stream()
         try:
             async for msg in messages:
-                for out in await self._handle(st, msg):
+                for out in await self.handle(st, msg):
                     yield out
                 if st.ended:
                     # An immediate response, or the response's end of stream answered: the
                     # exchange is over. End the call ourselves rather than wait for Envoy to cancel
                     # it (cancelled grpc.aio calls leave native memory behind).
                     return
-        except Exception as err:  # never crash the server: end this stream with INTERNAL
-            self.director.metrics.stream_errors.inc()
-            log.exception("ext_proc stream failed: %s", err)
-            raise StreamFailed(f"picker error: {type(err).__name__}") from err
+        except StreamFailed:
+            raise
+        except Exception as err:
+            raise self._failed(err) from err
         finally:
-            self.open_streams -= 1
-            self._finish(st, complete=False)  # a client gone or a stream cut: release the request
+            self.close_stream(st)
 
     async def _handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """The answers to one message (a coroutine, not a generator: one per message is cheap)."""

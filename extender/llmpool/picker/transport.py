@@ -41,7 +41,7 @@ from llmpool.picker.servicer import ExtProcServicer, StreamFailed
 
 log = logging.getLogger("llmpool.picker")
 
-TRANSPORTS = ("grpclib", "grpcio")
+TRANSPORTS = ("grpclib", "grpcio", "h2")
 DEFAULT_TRANSPORT = "grpclib"
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 CLOSED_STREAMS_REMEMBERED = 4096
@@ -78,6 +78,11 @@ def make_transport(name: str, servicer: ExtProcServicer, listen: Listen) -> Tran
         return GrpclibTransport(servicer, listen)
     if name == "grpcio":
         return GrpcioTransport(servicer, listen)
+    if name == "h2":
+        from llmpool.picker.h2transport import H2Transport
+
+        tls = None if listen.tls is None else _ssl_context(listen.tls)
+        return H2Transport(servicer, listen.host, listen.port, listen.health_port, tls)
     raise ValueError(f"unknown transport {name!r}: choose one of {', '.join(TRANSPORTS)}")
 
 
