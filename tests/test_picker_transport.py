@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmpool.aio import run
 from llmpool.children import free_port
 from llmpool.picker.config import PickerConfig
 from llmpool.picker.director import Director
@@ -82,7 +83,8 @@ async def _exchange(ch: grpc.aio.Channel) -> list[pb.ProcessingResponse]:
 
 @pytest.mark.parametrize("name", TRANSPORTS)
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
-def test_exchange_and_health_on_both_ports(name: str, tls: bool) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "auto"])
+def test_exchange_and_health_on_both_ports(name: str, tls: bool, loop: str) -> None:
     async def main() -> None:
         r = _Running(name, tls=tls)
         await r.t.start()
@@ -110,7 +112,7 @@ def test_exchange_and_health_on_both_ports(name: str, tls: bool) -> None:
         finally:
             await r.t.stop(0.5)
 
-    asyncio.run(main())
+    run(main(), loop)  # auto: uvloop where it is installed (the picker's default)
 
 
 @pytest.mark.parametrize("name", TRANSPORTS)

@@ -30,7 +30,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import h2.config
@@ -192,8 +192,8 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not a subclass of asyncio.Transport, but has its API)
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
