@@ -117,7 +117,7 @@ def test_unknown_policy_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_unknown_transport_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--part", "envoy", "--transports", "grpclib,h3", "--no-progress"]) == 2
-    assert "--transports: unknown h3; choose from grpclib, grpcio" in capsys.readouterr().err
+    assert "--transports: unknown h3; choose from h2, grpclib, grpcio" in capsys.readouterr().err
 
 
 def test_unknown_event_loop_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,13 +244,13 @@ def _smoke(tmp_path: Path, client: str) -> None:
     assert [r["path"] for r in env["latency"]] == [
         "direct",
         "envoy, no picker",
-        "envoy + picker (least-requests, grpclib)",
+        "envoy + picker (least-requests, h2)",
     ]
     if client == "python":  # the access logs' timeline of the two gateways' timed requests
         bare, picked = env["timeline"]
         assert (bare["path"], picked["path"]) == (
             "envoy, no picker",
-            "envoy + picker (least-requests, grpclib)",
+            "envoy + picker (least-requests, h2)",
         )
         assert bare["requests"] == picked["requests"] == 30
         assert bare["picker: headers"] is None and picked["picker: headers"] > 0
@@ -270,7 +270,7 @@ def _smoke(tmp_path: Path, client: str) -> None:
     assert all(rss[k] > 10 for k in ("start", "warm", "latency", "load", "soak"))
     steps = [s["requests"] for s in env["soak"]]  # wrk may count a response or two past its limit
     assert len(steps) == 2 and 150 <= steps[0] < 170 and steps[1] >= 300
-    assert env["picker"]["least-requests, grpclib"]["decisions"] > 0
+    assert env["picker"]["least-requests, h2"]["decisions"] > 0
     assert not Path(f"/proc/{rss['pid']}").exists() or _zombie(rss["pid"])  # the picker was stopped
 
 
@@ -295,7 +295,7 @@ def test_envoy_part_smoke_wrk(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_floor_and_both_transports_through_envoy(tmp_path: Path) -> None:
+def test_floor_and_the_other_transports_through_envoy(tmp_path: Path) -> None:
     _envoy_or_skip()
     argv = ["--part", "envoy", "--client", "python", "--envoy-policies", "least-requests", "--floor",
             "--transports", "grpclib,grpcio", "--requests", "20", "--latency-warmup", "5",

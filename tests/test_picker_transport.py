@@ -19,17 +19,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmpool.aio import run
 from llmpool.children import free_port
+from llmpool.picker import TRANSPORTS
 from llmpool.picker.config import PickerConfig
 from llmpool.picker.director import Director
 from llmpool.picker.metrics import PickerMetrics
 from llmpool.picker.server import self_signed_credentials
 from llmpool.picker.servicer import ExtProcServicer
-from llmpool.picker.transport import TRANSPORTS, Listen, make_transport
+from llmpool.picker.transport import Listen, make_transport
 from llmpool.routing.policy import PolicyConfig
 from llmpool.serving.datastore import Datastore, Endpoint
 from llmpool.serving.scrape import EngineMetrics, ServerMetrics
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello " * 50, "max_tokens": 4})
+OTHER_BODY = orjson.dumps({"model": "m", "prompt": "another request", "max_tokens": 4})
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -170,7 +172,7 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish(name: str) -> None:
 
 
 def test_unknown_transport_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"unknown transport .h3.: choose one of grpclib, grpcio"):
+    with pytest.raises(ValueError, match=r"unknown transport .h3.: choose one of h2, grpclib, grpcio"):
         make_transport("h3", _servicer(), Listen("127.0.0.1", 1, 2))
 
 
@@ -186,3 +188,90 @@ def test_a_taken_port_is_an_os_error_and_stop_still_works() -> None:
             await t.stop(0)  # what the server's shutdown path does: no second error
 
     asyncio.run(main())
+
+
+def _response_headers() -> pb.ProcessingRequest:
+    values = [base_pb2.HeaderValue(key=":status", raw_value=b"200")]
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values)))
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_a_message_that_waits_keeps_the_streams_answers_in_order(name: str, monkeypatch: Any) -> None:
+    """Routing that waits (a request held at the router) finishes in a task; the messages that
+    arrive meanwhile are answered after it, in order, and other streams are not held up."""
+
+    async def main() -> None:
+        r = _Running(name)
+        route = r.servicer.director.route
+        gate = asyncio.Event()
+
+        async def held(headers: Any, body: bytes, subset: Any) -> Any:
+            if body == BODY:
+                await gate.wait()
+            return await route(headers, body, subset)
+
+        monkeypatch.setattr(r.servicer.director, "route", held)
+        await r.t.start()
+        try:
+            async with r.channel() as ch:
+                stub = pb_grpc.ExternalProcessorStub(ch)
+                slow = stub.Process()
+                await slow.write(_headers())
+                await slow.write(_body(BODY))
+                await slow.write(_response_headers())  # queued behind the held routing
+                other = await asyncio.wait_for(_exchange_body(ch, OTHER_BODY), 5)
+                assert other[0].HasField("request_headers")  # not held up by the first stream
+                gate.set()
+                kinds = [(await asyncio.wait_for(slow.read(), 5)).WhichOneof("response") for _ in range(3)]
+                assert kinds == ["request_headers", "request_body", "response_headers"]
+                await slow.done_writing()
+            for _ in range(100):
+                if r.servicer.open_streams == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert r.servicer.open_streams == 0
+            assert r.servicer.director.ds.inflight_total() == 0
+        finally:
+            await r.t.stop(0.5)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_a_client_gone_while_its_request_waits_releases_it(name: str, monkeypatch: Any) -> None:
+    async def main() -> None:
+        r = _Running(name)
+        started = asyncio.Event()
+
+        async def never(*_: Any) -> Any:
+            started.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(r.servicer.director, "route", never)
+        await r.t.start()
+        try:
+            async with r.channel() as ch:
+                call = pb_grpc.ExternalProcessorStub(ch).Process()
+                await call.write(_headers())
+                await call.write(_body(BODY))
+                await asyncio.wait_for(started.wait(), 5)
+                assert r.servicer.open_streams == 1
+                call.cancel()
+                for _ in range(100):
+                    if r.servicer.open_streams == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert r.servicer.open_streams == 0
+        finally:
+            await r.t.stop(0.5)
+
+    asyncio.run(main())
+
+
+async def _exchange_body(ch: grpc.aio.Channel, body: bytes) -> list[pb.ProcessingResponse]:
+    call = pb_grpc.ExternalProcessorStub(ch).Process()
+    await call.write(_headers())
+    await call.write(_body(body))
+    out = [await call.read(), await call.read()]
+    await call.done_writing()
+    return out

@@ -17,6 +17,7 @@ from typing import Any
 
 from llmpool import __version__
 from llmpool.aio import EVENT_LOOPS
+from llmpool.picker import DEFAULT_TRANSPORT, TRANSPORTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,11 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--transport",
-        choices=("grpclib", "grpcio", "h2"),
-        default="grpclib",
-        help="gRPC implementation serving ext_proc and health: grpclib (default; on the event loop), "
-        "h2 (ours, on the h2 library: each message answered in the read that brought it) or "
-        "grpcio (grpc.aio, gRPC's C core)",
+        choices=TRANSPORTS,
+        default=DEFAULT_TRANSPORT,
+        help="gRPC implementation serving ext_proc and health: h2 (the default: ours, on the h2 "
+        "library, each message answered in the socket read that brought it), grpclib (on the event "
+        "loop, a task per stream) or grpcio (grpc.aio, gRPC's C core)",
     )
     x.add_argument(
         "--event-loop",

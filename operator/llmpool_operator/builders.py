@@ -240,7 +240,7 @@ def _picker_deployment(pool: PoolRef, spec: PoolSpec, picker_image: str) -> dict
     ]
     if spec.picker.plaintext:
         args.append("--plaintext")
-    if spec.picker.transport != "grpclib":
+    if spec.picker.transport != "h2":  # the picker's default
         args += ["--transport", spec.picker.transport]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}}]

@@ -292,8 +292,8 @@ class PickerSpec(_Model):
     image: str | None = Field(default=None, min_length=1, description="Default: the operator's picker image.")
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     plaintext: bool = Field(default=False, description="Serve ext_proc without TLS (--plaintext).")
-    transport: Literal["grpclib", "grpcio"] = Field(
-        default="grpclib", description="gRPC implementation serving ext_proc (--transport)."
+    transport: Literal["h2", "grpclib", "grpcio"] = Field(
+        default="h2", description="gRPC implementation serving ext_proc (--transport)."
     )
 
 

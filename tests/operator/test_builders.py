@@ -298,7 +298,7 @@ def test_picker_deployment_contract() -> None:
         "--pool-namespace",
         "ns",
     ]
-    assert "--plaintext" not in args and "--transport" not in args  # grpclib: the picker's default
+    assert "--plaintext" not in args and "--transport" not in args  # h2: the picker's default
     assert {p["containerPort"] for p in c["ports"]} == {9002, 9003, 9090}
     assert c["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
     assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}

@@ -1798,7 +1798,7 @@ def _event_loop_list(text: str) -> list[str]:
 
 
 def _transport_list(text: str) -> list[str]:
-    from llmpool.picker.transport import TRANSPORTS
+    from llmpool.picker import TRANSPORTS
 
     return _choices(text, "--transports", TRANSPORTS)
 
@@ -1843,9 +1843,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument(
         "--transports",
-        default="grpclib",
-        help="picker gRPC transports to run each policy on: grpclib, grpcio or both, comma-separated "
-        "(default grpclib)",
+        default="h2",
+        help="picker gRPC transports to run each policy on, comma-separated: h2 (the picker's "
+        "default), grpclib, grpcio (default h2)",
     )
     e.add_argument(
         "--event-loops",

@@ -250,7 +250,7 @@ class Director:
         self.metrics.queue_wait_seconds.observe(held)
         # decision time: everything but the wait at the router (held requests are timed by the tick)
         self.metrics.decision_seconds.observe(max(0.0, (t1 - t0) - held) if held > 0.002 else t1 - t0)
-        self.metrics.decisions.labels(self.policy.name, fl.target.name).inc()
+        self.metrics.count_decision(self.policy.name, fl.target.name)
         ask_usage = parsed.stream and not parsed.include_usage
         new_body = rewrite_body(parsed, model=rewrite, ask_usage=ask_usage)
         hdrs = self._forward_headers(headers)

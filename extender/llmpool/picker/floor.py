@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmpool.aio import EVENT_LOOPS, run
-from llmpool.picker import protocol
+from llmpool.picker import TRANSPORTS, protocol
 from llmpool.picker.servicer import ExtProcServicer, _Stream
-from llmpool.picker.transport import TRANSPORTS, Listen, make_transport
+from llmpool.picker.transport import Listen, make_transport
 
 
 class FloorServicer(ExtProcServicer):

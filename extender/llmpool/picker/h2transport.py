@@ -183,7 +183,13 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: H2Server) -> None:
         self.server = server
         self.servicer = server.servicer
-        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        cfg = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            # ours are constants, valid by construction; inbound headers are still checked
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = h2.connection.H2Connection(config=cfg)
         self.h2.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
         self.calls: dict[int, _Call] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -83,6 +84,24 @@ class PickerMetrics:
         self.stream_errors = Counter(
             "llmpool_stream_errors", "ext_proc streams that ended with an internal error", registry=r
         )
+
+        # children of the labelled counters the hot path bumps, by label value: ``labels()``
+        # costs a lock and a tuple per call (they grow as prometheus-client's own children do)
+        self._responses: dict[int, Any] = {}
+        self._decisions: dict[tuple[str, str], Any] = {}
+
+    def count_response(self, code: int) -> None:
+        child = self._responses.get(code)
+        if child is None:
+            child = self._responses[code] = self.responses.labels(str(code))
+        child.inc()
+
+    def count_decision(self, policy: str, endpoint: str) -> None:
+        key = (policy, endpoint)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.decisions.labels(policy, endpoint)
+        child.inc()
 
     def attach(self, datastore: Datastore, queued: Callable[[], int]) -> None:
         """Export the datastore's per-endpoint state (read at scrape time)."""

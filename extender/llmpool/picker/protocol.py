@@ -97,22 +97,43 @@ def host_of(endpoint: str) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+# Messages are built in place: a nested constructor call copies each submessage (and the
+# body bytes with it) into its parent, which made a streamed body answer ~5x slower.
+
+
 def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
     )
 
 
+def _fill_mutation(
+    m: pb.HeaderMutation, set_headers: Mapping[str, str] | None, remove: Iterable[str]
+) -> None:
+    if set_headers:
+        add = m.set_headers.add
+        for k, v in set_headers.items():
+            opt = add()
+            opt.header.key = k
+            opt.header.raw_value = v.encode()
+            opt.append_action = _OVERWRITE
+    if remove:
+        m.remove_headers.extend(remove)
+
+
 def mutation(set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()) -> pb.HeaderMutation:
-    return pb.HeaderMutation(
-        set_headers=[header_option(k, v) for k, v in (set_headers or {}).items()],
-        remove_headers=list(remove),
-    )
+    m = pb.HeaderMutation()
+    _fill_mutation(m, set_headers, remove)
+    return m
+
+
+def _fill_destination(md: struct_pb2.Struct, value: str) -> None:
+    md.fields[DESTINATION_NAMESPACE].struct_value.fields[DESTINATION_KEY].string_value = value
 
 
 def destination_metadata(value: str) -> struct_pb2.Struct:
     md = struct_pb2.Struct()
-    md.fields[DESTINATION_NAMESPACE].struct_value.fields[DESTINATION_KEY].string_value = value
+    _fill_destination(md, value)
     return md
 
 
@@ -121,46 +142,47 @@ def routed_headers_response(
 ) -> pb.ProcessingResponse:
     """The request-headers answer that routes: destination header + ``envoy.lb`` metadata with
     the same value, and ``clear_route_cache`` so the route is chosen again."""
-    headers = {DESTINATION_KEY: destination, **set_headers}
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(clear_route_cache=True, header_mutation=mutation(headers, remove))
-        ),
-        dynamic_metadata=destination_metadata(destination),
-    )
+    out = pb.ProcessingResponse()
+    common = out.request_headers.response
+    common.clear_route_cache = True
+    _fill_mutation(common.header_mutation, {DESTINATION_KEY: destination, **set_headers}, remove)
+    _fill_destination(out.dynamic_metadata, destination)
+    return out
 
 
 def routed_body_response(
     destination: str, set_headers: Mapping[str, str], body: bytes | None, remove: Iterable[str] = ()
 ) -> pb.ProcessingResponse:
     """BUFFERED mode: the request-body answer carries the routing header, metadata and body."""
-    common = pb.CommonResponse(
-        clear_route_cache=True,
-        header_mutation=mutation({DESTINATION_KEY: destination, **set_headers}, remove),
-    )
+    out = pb.ProcessingResponse()
+    common = out.request_body.response
+    common.clear_route_cache = True
+    _fill_mutation(common.header_mutation, {DESTINATION_KEY: destination, **set_headers}, remove)
     if body is not None:
         common.body_mutation.body = body
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(response=common), dynamic_metadata=destination_metadata(destination)
-    )
+    _fill_destination(out.dynamic_metadata, destination)
+    return out
 
 
 def plain_headers_response(
     *, request: bool, set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()
 ) -> pb.ProcessingResponse:
-    common = pb.CommonResponse()
+    out = pb.ProcessingResponse()
+    common = (out.request_headers if request else out.response_headers).response
     if set_headers or remove:
-        common.header_mutation.CopyFrom(mutation(set_headers, remove))
-    hr = pb.HeadersResponse(response=common)
-    return (
-        pb.ProcessingResponse(request_headers=hr) if request else pb.ProcessingResponse(response_headers=hr)
-    )
+        _fill_mutation(common.header_mutation, set_headers, remove)
+    else:
+        common.SetInParent()
+    return out
 
 
 def body_chunks(body: bytes, *, request: bool, end: bool = True) -> Iterator[pb.ProcessingResponse]:
     """Full-duplex streamed body answers of at most :data:`BODY_CHUNK_BYTES` each, in order;
     the last one carries ``end_of_stream=end`` (an empty body gives one empty message)."""
     n = len(body)
+    if n <= BODY_CHUNK_BYTES:
+        yield streamed_body(body, end=end, request=request)
+        return
     off = 0
     while True:
         piece = body[off : off + BODY_CHUNK_BYTES]
@@ -172,29 +194,27 @@ def body_chunks(body: bytes, *, request: bool, end: bool = True) -> Iterator[pb.
 
 
 def streamed_body(chunk: bytes, *, end: bool, request: bool) -> pb.ProcessingResponse:
-    br = pb.BodyResponse(
-        response=pb.CommonResponse(
-            body_mutation=pb.BodyMutation(
-                streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end)
-            )
-        )
-    )
-    return pb.ProcessingResponse(request_body=br) if request else pb.ProcessingResponse(response_body=br)
+    out = pb.ProcessingResponse()
+    sr = (out.request_body if request else out.response_body).response.body_mutation.streamed_response
+    sr.body = chunk
+    sr.end_of_stream = end
+    return out
 
 
 def buffered_body_response(*, request: bool, body: bytes | None = None) -> pb.ProcessingResponse:
-    common = pb.CommonResponse()
+    out = pb.ProcessingResponse()
+    common = (out.request_body if request else out.response_body).response
     if body is not None:
         common.body_mutation.body = body
-    br = pb.BodyResponse(response=common)
-    return pb.ProcessingResponse(request_body=br) if request else pb.ProcessingResponse(response_body=br)
+    else:
+        common.SetInParent()
+    return out
 
 
 def trailers_response(*, request: bool) -> pb.ProcessingResponse:
-    tr = pb.TrailersResponse()
-    return (
-        pb.ProcessingResponse(request_trailers=tr) if request else pb.ProcessingResponse(response_trailers=tr)
-    )
+    out = pb.ProcessingResponse()
+    (out.request_trailers if request else out.response_trailers).SetInParent()
+    return out
 
 
 def immediate(status: int, message: str, headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:

@@ -27,12 +27,13 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from llmpool.picker import DEFAULT_TRANSPORT
 from llmpool.picker.config import ConfigWatcher, PickerConfig
 from llmpool.picker.director import Director
 from llmpool.picker.discovery import PodSource, StaticSource
 from llmpool.picker.metrics import PickerMetrics
 from llmpool.picker.servicer import ExtProcServicer
-from llmpool.picker.transport import DEFAULT_TRANSPORT, Listen, Transport, make_transport
+from llmpool.picker.transport import Listen, Transport, make_transport
 from llmpool.routing.policy import ConfigError
 from llmpool.serving.collector import MetricsCollector
 from llmpool.serving.datastore import Datastore, Endpoint

@@ -224,7 +224,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         st.ended = True  # an immediate response ends the exchange
         m = self.director.metrics
         m.rejections.labels(res.reason or str(res.status)).inc()
-        m.responses.labels(str(res.status)).inc()
+        m.count_response(res.status)
         headers = {protocol.DROPPED_REASON_HEADER: res.reason} if res.reason else None
         return protocol.immediate(res.status, res.message, headers)
 
@@ -251,7 +251,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             st.tap = ResponseTap(sse=sse, strip_usage=strip, model_back=model_back)
             if (strip or model_back) and "content-length" in headers:
                 remove.append("content-length")
-        self.director.metrics.responses.labels(str(st.status)).inc()
+        self.director.metrics.count_response(st.status)
         if msg.response_headers.end_of_stream:
             self._finish(st, complete=True)
         return protocol.plain_headers_response(request=False, set_headers=set_headers, remove=remove)

@@ -37,12 +37,11 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from llmpool.picker import TRANSPORTS
 from llmpool.picker.servicer import ExtProcServicer, StreamFailed
 
 log = logging.getLogger("llmpool.picker")
 
-TRANSPORTS = ("grpclib", "grpcio", "h2")
-DEFAULT_TRANSPORT = "grpclib"
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 CLOSED_STREAMS_REMEMBERED = 4096
 _SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -23,8 +23,8 @@ from llmpool.children import free_port
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "vllm-0.32"
 SUBSET_HEADER = "x-test-subset"
 pytestmark = pytest.mark.slow
-#: Both gRPC transports of the picker (``--transport``) pass the protocol-level tests.
-TRANSPORTS = pytest.mark.parametrize("transport", ["grpclib", "grpcio"])
+#: Every gRPC transport of the picker (``--transport``) passes the protocol-level tests.
+TRANSPORTS = pytest.mark.parametrize("transport", ["h2", "grpclib", "grpcio"])
 
 
 def metric(text: str, name: str, **labels: str) -> float:
