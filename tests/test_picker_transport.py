@@ -275,3 +275,27 @@ async def _exchange_body(ch: grpc.aio.Channel, body: bytes) -> list[pb.Processin
     out = [await call.read(), await call.read()]
     await call.done_writing()
     return out
+
+
+def test_h2_remembers_a_bounded_number_of_closed_streams() -> None:
+    """h2 sizes its closed-stream memory when a connection is made (65,536 ids by default,
+    ~10 MiB per gateway connection): the h2 transport's connections keep a few thousand."""
+    import h2.config
+    import h2.connection
+
+    from llmpool.picker.h2transport import CLOSED_STREAMS_REMEMBERED, _H2Connection
+
+    server = _H2Connection(config=h2.config.H2Configuration(client_side=False, header_encoding=None))
+    client = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    hdrs = [(":method", "POST"), (":path", "/x"), (":scheme", "http"), (":authority", "a")]
+    for _ in range(CLOSED_STREAMS_REMEMBERED + 500):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, hdrs, end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(sid, [(":status", "200")], end_stream=True)
+        client.receive_data(server.data_to_send())
+    assert len(server._closed_streams) == CLOSED_STREAMS_REMEMBERED
