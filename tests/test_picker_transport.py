@@ -74,10 +74,10 @@ class _Running:
         )
 
 
-async def _exchange(ch: grpc.aio.Channel) -> list[pb.ProcessingResponse]:
+async def _exchange(ch: grpc.aio.Channel, body: bytes = BODY) -> list[pb.ProcessingResponse]:
     call = pb_grpc.ExternalProcessorStub(ch).Process()
     await call.write(_headers())
-    await call.write(_body(BODY))
+    await call.write(_body(body))
     out = [await call.read(), await call.read()]
     await call.done_writing()
     return out
@@ -219,7 +219,7 @@ def test_a_message_that_waits_keeps_the_streams_answers_in_order(name: str, monk
                 await slow.write(_headers())
                 await slow.write(_body(BODY))
                 await slow.write(_response_headers())  # queued behind the held routing
-                other = await asyncio.wait_for(_exchange_body(ch, OTHER_BODY), 5)
+                other = await asyncio.wait_for(_exchange(ch, OTHER_BODY), 5)
                 assert other[0].HasField("request_headers")  # not held up by the first stream
                 gate.set()
                 kinds = [(await asyncio.wait_for(slow.read(), 5)).WhichOneof("response") for _ in range(3)]
@@ -266,36 +266,3 @@ def test_a_client_gone_while_its_request_waits_releases_it(name: str, monkeypatc
             await r.t.stop(0.5)
 
     asyncio.run(main())
-
-
-async def _exchange_body(ch: grpc.aio.Channel, body: bytes) -> list[pb.ProcessingResponse]:
-    call = pb_grpc.ExternalProcessorStub(ch).Process()
-    await call.write(_headers())
-    await call.write(_body(body))
-    out = [await call.read(), await call.read()]
-    await call.done_writing()
-    return out
-
-
-def test_h2_remembers_a_bounded_number_of_closed_streams() -> None:
-    """h2 sizes its closed-stream memory when a connection is made (65,536 ids by default,
-    ~10 MiB per gateway connection): the h2 transport's connections keep a few thousand."""
-    import h2.config
-    import h2.connection
-
-    from llmpool.picker.h2transport import CLOSED_STREAMS_REMEMBERED, _H2Connection
-
-    server = _H2Connection(config=h2.config.H2Configuration(client_side=False, header_encoding=None))
-    client = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    server.initiate_connection()
-    server.receive_data(client.data_to_send())
-    client.receive_data(server.data_to_send())
-    hdrs = [(":method", "POST"), (":path", "/x"), (":scheme", "http"), (":authority", "a")]
-    for _ in range(CLOSED_STREAMS_REMEMBERED + 500):
-        sid = client.get_next_available_stream_id()
-        client.send_headers(sid, hdrs, end_stream=True)
-        server.receive_data(client.data_to_send())
-        server.send_headers(sid, [(":status", "200")], end_stream=True)
-        client.receive_data(server.data_to_send())
-    assert len(server._closed_streams) == CLOSED_STREAMS_REMEMBERED

@@ -22,6 +22,7 @@ stream with gRPC INTERNAL, so the gateway's failure mode (FailOpen/FailClose) ap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -105,6 +106,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         """The stream is gone (ended, cut or failed): release its request."""
         self.open_streams -= 1
         self._finish(st, complete=False)
+
+    async def drained(self, grace_s: float) -> None:
+        """Return once no stream is open, or after ``grace_s`` (a transport's drain)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.open_streams > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     def _failed(self, err: Exception) -> StreamFailed:
         self.director.metrics.stream_errors.inc()

@@ -226,10 +226,7 @@ class GrpclibTransport:
 
     async def stop(self, grace_s: float) -> None:
         self.ext_proc.draining = True  # new streams get UNAVAILABLE
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self.servicer.open_streams > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await self.servicer.drained(grace_s)
         for srv in (self.server, self.health_server):
             with contextlib.suppress(RuntimeError, TimeoutError):  # RuntimeError: never started
                 srv.close()  # cancels what is still open (health watches, streams past the grace)
