@@ -25,7 +25,7 @@ from llmpool.picker.director import Director
 from llmpool.picker.metrics import PickerMetrics
 from llmpool.picker.server import self_signed_credentials
 from llmpool.picker.servicer import ExtProcServicer
-from llmpool.picker.transport import Listen, make_transport
+from llmpool.picker.transport import PROCESS_METHOD, Listen, make_transport
 from llmpool.routing.policy import PolicyConfig
 from llmpool.serving.datastore import Datastore, Endpoint
 from llmpool.serving.scrape import EngineMetrics, ServerMetrics
@@ -262,6 +262,24 @@ def test_a_client_gone_while_its_request_waits_releases_it(name: str, monkeypatc
                         break
                     await asyncio.sleep(0.02)
                 assert r.servicer.open_streams == 0
+        finally:
+            await r.t.stop(0.5)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_an_unknown_method_is_unimplemented(name: str) -> None:
+    async def main() -> None:
+        r = _Running(name)
+        await r.t.start()
+        try:
+            async with r.channel() as ch, r.channel(health_port=True) as hch:
+                for c, method in ((ch, "/no.Such/Method"), (hch, PROCESS_METHOD)):
+                    call = c.unary_unary(method, request_serializer=None, response_deserializer=None)
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call(b"")
+                    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
         finally:
             await r.t.stop(0.5)
 
