@@ -284,3 +284,95 @@ def test_an_unknown_method_is_unimplemented(name: str) -> None:
             await r.t.stop(0.5)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_a_large_body_comes_back_whole_in_chunks(name: str) -> None:
+    """A 600 KB body sent in pieces is answered in order, in chunks of at most 62,000 bytes
+    (each more than one HTTP/2 frame). Flow control: the next test."""
+    big = orjson.dumps({"model": "m", "prompt": " ".join(f"w{i}" for i in range(100_000)), "max_tokens": 4})
+
+    async def main() -> None:
+        r = _Running(name)
+        await r.t.start()
+        try:
+            async with r.channel() as ch:
+                call = pb_grpc.ExternalProcessorStub(ch).Process()
+                await call.write(_headers())
+                for i in range(0, len(big), 50_000):  # Envoy streams a body in pieces
+                    await call.write(_body(big[i : i + 50_000], end=i + 50_000 >= len(big)))
+                assert (await asyncio.wait_for(call.read(), 5)).HasField("request_headers")
+                got = b""
+                while True:
+                    out = await asyncio.wait_for(call.read(), 5)
+                    sr = out.request_body.response.body_mutation.streamed_response
+                    assert len(sr.body) <= 62_000
+                    got += sr.body
+                    if sr.end_of_stream:
+                        break
+                assert got == big
+                await call.done_writing()
+        finally:
+            await r.t.stop(0.5)
+
+    asyncio.run(main())
+
+
+def test_h2_waits_for_the_clients_flow_control_window() -> None:
+    """A client that opens only 1,000 bytes of window per stream still gets the whole answer:
+    the h2 transport holds what does not fit and sends it as the client's updates arrive."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    from llmpool.picker.h2transport import grpc_frame
+
+    body = orjson.dumps({"model": "m", "prompt": "many words " * 600, "max_tokens": 4})
+    assert len(body) > 5_000
+
+    async def main() -> None:
+        r = _Running("h2")
+        await r.t.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+        try:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            c.initiate_connection()
+            c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1_000})
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(b":method", b"POST"), (b":path", PROCESS_METHOD.encode()),
+                                 (b":scheme", b"http"), (b":authority", b"picker"),
+                                 (b"content-type", b"application/grpc"), (b"te", b"trailers")])  # fmt: skip
+            c.send_data(sid, grpc_frame(_headers()) + grpc_frame(_body(body)))
+            writer.write(c.data_to_send())
+            data = bytearray()
+            while len(_frames(bytes(data))) < 2:  # the routing answer and the whole body
+                chunk = await asyncio.wait_for(reader.read(65_536), 5)
+                assert chunk, "the picker closed the connection"
+                for ev in c.receive_data(chunk):
+                    if isinstance(ev, h2.events.DataReceived):
+                        data += ev.data
+                        c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                writer.write(c.data_to_send())
+        except TimeoutError:
+            pytest.fail("the answer stalled: the transport did not resume after the window updates")
+        finally:
+            writer.close()
+            await r.t.stop(0.5)
+        msgs = [pb.ProcessingResponse.FromString(m) for m in _frames(bytes(data))]
+        assert msgs[0].HasField("request_headers")
+        assert msgs[1].request_body.response.body_mutation.streamed_response.body == body
+
+    asyncio.run(main())
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """The whole gRPC messages at the start of ``data``."""
+    out = []
+    while len(data) >= 5:
+        n = int.from_bytes(data[1:5], "big")
+        if len(data) < 5 + n:
+            break
+        out.append(data[5 : 5 + n])
+        data = data[5 + n :]
+    return out

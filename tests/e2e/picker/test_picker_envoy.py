@@ -115,13 +115,16 @@ class _StubServer:
         self.sse = (FIXTURES / "completion_stream.txt").read_bytes()
         self.metrics = (FIXTURES / "metrics_after_smoke.txt").read_text()
         self.bodies: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        self.bodies.append(await request.json())
+        raw = await request.read()
+        self.raw.append(raw)
+        self.bodies.append(orjson.loads(raw))
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(0, len(self.sse), 150):  # odd chunk boundaries, cut mid-event
@@ -180,6 +183,36 @@ def test_streaming_passes_byte_exact_and_the_usage_chunk_is_ours_to_strip(
         assert stub.bodies[1]["stream_options"] == {"include_usage": True}  # the picker asked upstream
         assert "stream_options" not in _body(4, stream=True)
         assert metric(p.metrics_text(), "llmpool_completion_tokens_total") == 8  # 4 + 4 from usage
+
+
+@TRANSPORTS
+def test_a_large_body_reaches_the_server_byte_exact(picker: Any, envoy: Any, transport: str) -> None:
+    """A 600 KB prompt: Envoy streams it to the picker in pieces, the picker sends it back in
+    chunks of at most 62,000 bytes (many HTTP/2 frames, past the default flow-control windows)
+    and the server receives exactly the client's bytes."""
+    with _StubServer() as stub:
+        p = picker(
+            [f"127.0.0.1:{stub.port}"],
+            config={"policy": "least-requests"},
+            extra_args=("--transport", transport),
+        )
+        gw = envoy(picker=p)
+        words = " ".join(f"w{i}" for i in range(100_000))
+        raw = orjson.dumps({**_body(4, stream=True, usage=True), "prompt": words})
+        assert len(raw) > 600_000
+
+        async def main() -> int:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    gw.url + "/v1/completions", data=raw, headers={"content-type": "application/json"}
+                ) as r,
+            ):
+                await r.read()
+                return r.status
+
+        assert _run(main()) == 200
+        assert stub.raw == [raw]
 
 
 @TRANSPORTS
