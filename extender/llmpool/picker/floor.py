@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmpool.aio import EVENT_LOOPS, run
 from llmpool.picker import TRANSPORTS, protocol
-from llmpool.picker.servicer import ExtProcServicer, _Stream
+from llmpool.picker.servicer import ExtProcServicer, StreamState
 from llmpool.picker.transport import Listen, make_transport
 
 
@@ -30,7 +30,7 @@ class FloorServicer(ExtProcServicer):
         self.destination = destination
         self.open_streams = 0
 
-    async def handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    async def handle(self, st: StreamState, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         kind = msg.WhichOneof("request")
         if kind == "request_body":
             st.body.append(msg.request_body.body)
@@ -51,7 +51,7 @@ class FloorServicer(ExtProcServicer):
             return [protocol.trailers_response(request=kind == "request_trailers")]
         return []
 
-    def close_stream(self, st: _Stream) -> None:
+    def close_stream(self, st: StreamState) -> None:
         self.open_streams -= 1
 
 

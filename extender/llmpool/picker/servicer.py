@@ -37,8 +37,8 @@ from llmpool.picker.director import Director, Rejected, Routed
 log = logging.getLogger("llmpool.picker")
 
 
-class _Stream:
-    """Per-stream state."""
+class StreamState:
+    """Per-stream state (what :meth:`ExtProcServicer.open_stream` hands a transport)."""
 
     __slots__ = (
         "body",
@@ -90,11 +90,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     # A stream's life, for transports that drive it message by message (``h2``): open it,
     # hand it each message in order, close it once, whatever happened.
-    def open_stream(self) -> _Stream:
+    def open_stream(self) -> StreamState:
         self.open_streams += 1
-        return _Stream()
+        return StreamState()
 
-    async def handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    async def handle(self, st: StreamState, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """The answers to one message of stream ``st``; ``st.ended`` says the exchange is over.
         Raises :class:`StreamFailed` on an unexpected failure."""
         try:
@@ -102,7 +102,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         except Exception as err:  # never crash the server: end this stream with INTERNAL
             raise self._failed(err) from err
 
-    def close_stream(self, st: _Stream) -> None:
+    def close_stream(self, st: StreamState) -> None:
         """The stream is gone (ended, cut or failed): release its request."""
         self.open_streams -= 1
         self._finish(st, complete=False)
@@ -142,7 +142,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         finally:
             self.close_stream(st)
 
-    async def _handle(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    async def _handle(self, st: StreamState, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """The answers to one message (a coroutine, not a generator: one per message is cheap)."""
         if msg.HasField("protocol_config"):
             pc = msg.protocol_config
@@ -167,7 +167,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return []
 
     # ------------------------------------------------------------------ request path
-    def _request_headers(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    def _request_headers(self, st: StreamState, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if st.sent_request:  # out of order: the request was answered already
             return [protocol.plain_headers_response(request=True)]
         st.headers = protocol.headers_of(msg.request_headers)
@@ -187,7 +187,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return [protocol.plain_headers_response(request=True, remove=protocol.STRIPPED_HEADERS)]
         return []
 
-    async def _request_body(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    async def _request_body(self, st: StreamState, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         body = msg.request_body
         if msg.HasField("metadata_context"):
             hint = protocol.subset_hint(msg.metadata_context)
@@ -201,14 +201,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return []
 
     def _passthrough_body(
-        self, st: _Stream, chunk: bytes, end: bool, *, request: bool
+        self, st: StreamState, chunk: bytes, end: bool, *, request: bool
     ) -> pb.ProcessingResponse:
         mode = st.body_mode if request else st.response_mode
         if mode == protocol.FULL_DUPLEX:
             return protocol.streamed_body(chunk, end=end, request=request)
         return protocol.buffered_body_response(request=request)
 
-    async def _route(self, st: _Stream) -> list[pb.ProcessingResponse]:
+    async def _route(self, st: StreamState) -> list[pb.ProcessingResponse]:
         raw = st.body[0] if len(st.body) == 1 else b"".join(st.body)
         st.body = []
         st.sent_request = True
@@ -228,7 +228,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             protocol.routed_body_response(res.destination, res.set_headers, body, protocol.STRIPPED_HEADERS)
         ]
 
-    def _reject(self, st: _Stream, res: Rejected) -> pb.ProcessingResponse:
+    def _reject(self, st: StreamState, res: Rejected) -> pb.ProcessingResponse:
         st.ended = True  # an immediate response ends the exchange
         m = self.director.metrics
         m.rejections.labels(res.reason or str(res.status)).inc()
@@ -237,7 +237,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return protocol.immediate(res.status, res.message, headers)
 
     # ------------------------------------------------------------------ response path
-    def _response_headers(self, st: _Stream, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    def _response_headers(self, st: StreamState, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         headers = protocol.headers_of(msg.response_headers)
         try:
             st.status = int(headers.get(":status", "0"))
@@ -264,7 +264,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self._finish(st, complete=True)
         return protocol.plain_headers_response(request=False, set_headers=set_headers, remove=remove)
 
-    def _response_body(self, st: _Stream, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+    def _response_body(self, st: StreamState, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         tap = st.tap
         end = body.end_of_stream
         if tap is None or st.routed is None:
@@ -284,7 +284,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         changed = out is not body.body and out != body.body
         return [protocol.buffered_body_response(request=False, body=out if changed else None)]
 
-    def _finish(self, st: _Stream, *, complete: bool) -> None:
+    def _finish(self, st: StreamState, *, complete: bool) -> None:
         if complete:
             st.ended = True
         if st.routed is not None and not st.routed.finished:

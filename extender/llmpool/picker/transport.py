@@ -1,12 +1,14 @@
 """The picker's gRPC transports: the ext_proc service and gRPC health, on two ports.
 
-Both serve the same :class:`~llmpool.picker.servicer.ExtProcServicer` (its transport-neutral
-``process``) and the same health states:
+All serve the same :class:`~llmpool.picker.servicer.ExtProcServicer` and the same health
+states:
 
-* ``grpclib`` (the default): gRPC over the ``h2`` library on the picker's own asyncio loop.
-  Every message is handled where it arrives, with no thread hop: through Envoy it adds about
-  half the latency of ``grpcio`` and serves ~1.5x the requests per core (docs/picker.md has
-  the numbers);
+* ``h2`` (the default; :mod:`llmpool.picker.h2transport`): our own gRPC on the ``h2`` library.
+  Each message is answered eagerly inside the socket read that brought it, one socket write
+  per read: through Envoy ~0.1 ms less added latency than ``grpclib`` and 40-50 % more
+  requests per core for the policies (docs/benchmarks.md);
+* ``grpclib``: gRPC over the same ``h2`` library on the picker's own asyncio loop, a task per
+  stream and an asyncio queue per message (the stream as an async iterator: ``process``);
 * ``grpcio``: ``grpc.aio``, gRPC's C core. Its completion queue is polled in a thread of its
   own and every message crosses to the event loop (~0.4 ms per round trip here).
 
