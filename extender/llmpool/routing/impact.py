@@ -239,7 +239,9 @@ class ImpactParams(PolicyParams):
     hold: bool = Field(
         default=True, description="hold requests at the router while every endpoint's batch is full"
     )
-    window: int = Field(default=1024, ge=1, le=8192, description="held requests considered per round")
+    window: int = Field(
+        default=8192, ge=1, le=65536, description="held requests considered per round (oldest first)"
+    )
     aging_s: float = Field(
         default=5.0,
         gt=0.0,
@@ -359,11 +361,19 @@ class ImpactPolicy(Policy):
         if len(self._in_heap) > 2 * len(queue) + 64:
             # requests that left the queue without being routed (client gone, rejected)
             self._in_heap &= {r.id for r in queue}
-        for i in range(window):  # requests offered for the first time join the heap
+        # Requests offered for the first time join the heap. The queue keeps arrival order and
+        # requests enter the window only at its end, so those are the window's tail: walk back
+        # from its end to the first request already in the heap (the cost is the new requests,
+        # not the window).
+        in_heap = self._in_heap
+        i = window - 1
+        while i >= 0:
             r = queue[i]
-            if r.id not in self._in_heap:
-                self._in_heap.add(r.id)
-                heapq.heappush(heap, (self._key(r), r.arrival, r.id))
+            if r.id in in_heap:
+                break
+            in_heap.add(r.id)
+            heapq.heappush(heap, (self._key(r), r.arrival, r.id))
+            i -= 1
         release: set[int] = set()
         overdue = view.now - self.p.max_hold_s
         for i in range(window):  # starvation bound first, oldest first
