@@ -288,3 +288,67 @@ def test_impact_follows_the_prefix_it_sent_before() -> None:
     again = Request(id=2, arrival=0.1, prompt_tokens=4096, prefix_hashes=tuple(range(8)))
     d2 = pol.decide(again, PoolView(now=0.1, endpoints=eps, queue=(again,)))
     assert isinstance(d2, Route) and d2.endpoints[0] == d.endpoints[0]
+
+
+def _sim_items(n: int, rate: float, seed: int) -> list[WorkloadItem]:
+    rng = random.Random(seed)
+    items, t = [], 0.0
+    for i in range(n):
+        t += rng.expovariate(rate)
+        items.append(
+            WorkloadItem(Request(id=i, arrival=t, prompt_tokens=rng.randint(20, 600)), rng.randint(1, 400))
+        )
+    return items
+
+
+@pytest.mark.parametrize("window", [8, 8192])
+def test_the_round_plan_spares_decide_calls_and_changes_no_decision(
+    window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver holds the requests outside the policy's round plan (``releasable``) without
+    asking ``decide``: the same schedule as asking about every request, far fewer calls."""
+    from llmpool.routing import driver
+
+    runs = []
+    for use_plan in (True, False):
+        if not use_plan:  # the driver asks decide about every offered request
+            monkeypatch.setattr(driver, "_releasable", lambda policy, view: None)
+        pol = builtin_registry().build({"name": "impact", "params": {"max_seqs": 8, "window": window}}, ctx())
+        calls = 0
+        inner = pol.decide
+
+        def counted(request: Request, view: PoolView, inner: object = inner) -> object:
+            nonlocal calls
+            calls += 1
+            return inner(request, view)  # type: ignore[operator]
+
+        pol.decide = counted  # type: ignore[method-assign]
+        log = Simulator(A100, pol, SimConfig(instances=2)).run(_sim_items(600, 400.0, 5)).log
+        runs.append((calls, list(zip(log.rid, log.dispatch, log.first, log.finish, strict=True))))
+    (calls_plan, schedule_plan), (calls_all, schedule_all) = runs
+    assert schedule_plan == schedule_all
+    assert calls_plan * 3 < calls_all
+
+
+def test_a_round_adds_only_the_new_requests_to_its_heap() -> None:
+    """The requests new to the release heap are the tail of the window: a round walks back
+    from its end to the first one already in the heap."""
+    pol = builtin_registry().build({"name": "impact", "params": {"max_seqs": 1}}, ctx())
+    full = [ep(0, running=0)]
+    full[0].inflight = 1
+    queue = [Request(id=i, arrival=i * 0.01, prompt_tokens=100) for i in range(50)]
+    pushed: list[int] = []
+    key = pol._key  # type: ignore[attr-defined]
+
+    def spy(r: Request) -> float:
+        pushed.append(r.id)
+        return float(key(r))
+
+    pol._key = spy  # type: ignore[attr-defined]
+    full[0].inflight = 0  # one free slot: the round plans with the heap
+    assert pol.releasable(PoolView(now=1.0, endpoints=full, queue=tuple(queue))) is not None
+    assert sorted(pushed) == list(range(50))
+    pushed.clear()
+    queue += [Request(id=50 + i, arrival=1.0 + i * 0.01, prompt_tokens=100) for i in range(3)]
+    pol.releasable(PoolView(now=2.0, endpoints=full, queue=tuple(queue)))
+    assert sorted(pushed) == [50, 51, 52]

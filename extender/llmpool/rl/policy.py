@@ -179,6 +179,10 @@ class RLPolicy(_Policy):
         return {**inner, "rl-model": reason}
 
     # ------------------------------------------------------------------ Policy
+    def releasable(self, view: PoolView) -> set[int] | None:
+        """The heuristic's round plan: the requests it holds, the network is not asked about."""
+        return self.h.releasable(view)
+
     def decide(self, request: Request, view: PoolView) -> Decision:
         eps = view.endpoints
         if not eps:

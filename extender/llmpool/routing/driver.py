@@ -17,7 +17,7 @@ and the same router-side accounting in the lab and in production:
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, Container, MutableSequence
 
 from llmpool.routing.policy import Policy
 from llmpool.routing.types import EndpointState, Hold, PoolView, Request, Route
@@ -90,8 +90,15 @@ def dispatch_round(
     pos = 0
     held = False
     decisions = 0
+    release = _releasable(policy, view)
     while pos < len(queue) and pos < window:
         req = queue[pos]
+        if release is not None and req.id not in release:
+            # the policy's round plan holds it: a Hold, without asking decide
+            held = True
+            decisions += 1
+            pos += 1
+            continue
         try:
             decision = policy.decide(req, view)
             decisions += 1
@@ -111,9 +118,19 @@ def dispatch_round(
                 wrapped.__cause__ = err
                 err = wrapped
             fail(req, err)
+            release = _releasable(policy, view)
             continue
         del queue[pos]
         sent = place(req, decision)
         if sent is not None:
             policy.on_assigned(req, sent, view.now)
+        release = _releasable(policy, view)  # the queue changed: the policy may plan again
     return held, decisions
+
+
+def _releasable(policy: Policy, view: PoolView) -> Container[int] | None:
+    """``policy.releasable(view)``; a policy that fails there is asked about each request."""
+    try:
+        return policy.releasable(view)
+    except Exception:
+        return None

@@ -438,14 +438,21 @@ class ImpactPolicy(Policy):
 
     def _released(self, request: Request, view: PoolView) -> bool:
         """Whether this round releases ``request`` from the router queue (always, without
-        ``hold``); the round is planned once per (time, queue length)."""
-        if not self.p.hold:
-            return True
+        ``hold``)."""
+        release = self.releasable(view)
+        return release is None or request.id in release
+
+    def releasable(self, view: PoolView) -> set[int] | None:
+        """The round plan's releases (None without ``hold``, or with no endpoint, where
+        ``decide`` answers alone); planned once per (time, queue length)."""
+        if not self.p.hold or not view.endpoints:
+            return None
+        self._last_eps = view.endpoints
         key = (view.now, len(view.queue))
         if key != self._round_key:
             self._round_key = key
             self._plan_round(view)
-        return request.id in self._release
+        return self._release
 
     def on_assigned(self, request: Request, endpoint: int, now: float) -> None:
         e = self._expected_len(request)

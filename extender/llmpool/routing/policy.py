@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -100,6 +100,16 @@ class Policy(abc.ABC):
     @abc.abstractmethod
     def decide(self, request: Request, view: PoolView) -> Decision:
         """Choose endpoints for ``request`` given the current pool view."""
+
+    def releasable(self, view: PoolView) -> Container[int] | None:
+        """Ids of the held requests the current round may route, or None: any of them.
+
+        A policy that plans each round's releases from the router queue (``impact``) answers
+        from that plan, and the driver holds every other offered request without calling
+        :meth:`decide` for it: a round then costs the requests it may route, not the whole
+        window. It must agree with :meth:`decide` (a request it leaves out is one ``decide``
+        would hold) and is asked again after every request the round routes."""
+        return None
 
     def on_assigned(self, request: Request, endpoint: int, now: float) -> None:  # noqa: B027
         """The request was sent to ``endpoint`` (an index into ``view.endpoints``)."""
