@@ -376,3 +376,51 @@ def _frames(data: bytes) -> list[bytes]:
         out.append(data[5 : 5 + n])
         data = data[5 + n :]
     return out
+
+
+@pytest.mark.parametrize(
+    ("prefix", "code", "needle"),
+    [
+        (b"\x01" + (10).to_bytes(4, "big") + b"x" * 10, b"13", b"compressed"),
+        (b"\x00" + (2**31).to_bytes(4, "big"), b"8", b"exceeds"),
+    ],
+    ids=["compressed", "too-large"],
+)
+def test_h2_refuses_a_compressed_or_oversized_message(prefix: bytes, code: bytes, needle: bytes) -> None:
+    """A compressed message fails its stream with INTERNAL, a length prefix past the limit with
+    RESOURCE_EXHAUSTED before anything is buffered; the stream's state is released."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def main() -> None:
+        r = _Running("h2")
+        await r.t.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+        try:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            c.initiate_connection()
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(b":method", b"POST"), (b":path", PROCESS_METHOD.encode()),
+                                 (b":scheme", b"http"), (b":authority", b"picker"),
+                                 (b"content-type", b"application/grpc"), (b"te", b"trailers")])  # fmt: skip
+            c.send_data(sid, prefix)
+            writer.write(c.data_to_send())
+            trailers: dict[bytes, bytes] = {}
+            while not trailers:
+                chunk = await asyncio.wait_for(reader.read(65_536), 5)
+                assert chunk
+                for ev in c.receive_data(chunk):
+                    if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        got = dict(ev.headers)
+                        if b"grpc-status" in got:
+                            trailers = got
+                writer.write(c.data_to_send())
+            assert trailers[b"grpc-status"] == code
+            assert needle in trailers.get(b"grpc-message", b"")
+            assert r.servicer.open_streams == 0
+        finally:
+            writer.close()
+            await r.t.stop(0.5)
+
+    asyncio.run(main())

@@ -54,8 +54,11 @@ WATCH_PATH = b"/grpc.health.v1.Health/Watch"
 #: our WINDOW_UPDATEs for a request (a body echo is at most one 62,000-byte chunk at a time).
 RECEIVE_WINDOW = 4 * 1024 * 1024
 CLOSED_STREAMS_REMEMBERED = 4096
+#: The largest gRPC message accepted (Envoy sends a body in chunks of its buffer size, 4 MiB by
+#: default); a larger length prefix fails the stream with RESOURCE_EXHAUSTED before buffering.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-OK, NOT_FOUND, INTERNAL, UNIMPLEMENTED, UNAVAILABLE = 0, 5, 13, 12, 14
+OK, NOT_FOUND, RESOURCE_EXHAUSTED, INTERNAL, UNIMPLEMENTED, UNAVAILABLE = 0, 5, 8, 13, 12, 14
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -294,6 +297,9 @@ class _Connection(asyncio.Protocol):
         rx += ev.data
         while len(rx) >= 5:
             size = int.from_bytes(rx[1:5], "big")
+            if size > MAX_MESSAGE_BYTES:
+                self._end(call, RESOURCE_EXHAUSTED, f"message of {size} bytes exceeds {MAX_MESSAGE_BYTES}")
+                return
             if len(rx) < 5 + size:
                 break
             if rx[0]:
