@@ -120,6 +120,20 @@ def test_unknown_transport_is_a_clean_error(capsys: pytest.CaptureFixture[str]) 
     assert "--transports: unknown h3; choose from h2, grpclib, grpcio" in capsys.readouterr().err
 
 
+def test_backlog_rounds_are_timed_and_a_policy_that_never_holds_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--part", "decision", "--endpoints", "2", "--policies", "impact", "--decisions", "20",
+            "--warmup", "2", "--bodies", "8", "--backlog", "30,60"]  # fmt: skip
+    rows = _run(argv, tmp_path)["decision"]["backlog"]
+    assert [(r["policy"], r["held"], r["submits"]) for r in rows] == [("impact", 30, 20), ("impact", 60, 20)]
+    assert all(r["p50_us"] > 0 for r in rows)
+    assert "backlog held at the router" in capsys.readouterr().out
+    argv[argv.index("impact")] = "least-requests"
+    assert bench.main([*argv, "--json", str(tmp_path / "x.json")]) == 2
+    assert "least-requests never held a request" in capsys.readouterr().err
+
+
 def test_unknown_event_loop_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--part", "envoy", "--event-loops", "auto,tokio", "--no-progress"]) == 2
     assert "--event-loops: unknown tokio; choose from auto, uvloop, asyncio" in capsys.readouterr().err

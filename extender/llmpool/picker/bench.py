@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -431,6 +432,64 @@ async def _decision_cell(
     }
 
 
+async def _backlog_cell(
+    policy: str, n_endpoints: int, backlog: int, *, submits: int, seed: int
+) -> dict[str, Any]:
+    """Time a dispatch round while ``backlog`` requests are held at the router: every batch of
+    the pool is filled first, then each timed ``Dispatcher.submit`` queues one more request,
+    runs a round and is held."""
+    from llmpool.picker.config import PickerConfig
+    from llmpool.picker.director import Director
+    from llmpool.picker.metrics import PickerMetrics
+    from llmpool.routing.policy import PolicyConfig
+    from llmpool.routing.types import Request
+    from llmpool.serving.datastore import Datastore, Flight
+
+    rng = random.Random(f"{seed}/{policy}/{n_endpoints}/backlog")
+    ds = Datastore(_pool(n_endpoints))
+    now = time.monotonic()
+    for i in range(n_endpoints):
+        _scrape(ds, i, rng, now)
+    director = Director(
+        PickerConfig(policy=PolicyConfig(name=policy), profile=PROFILE), ds, PickerMetrics(), rng=rng
+    )
+    disp = director.dispatcher
+    ids = itertools.count(1)
+
+    def request() -> Request:
+        return Request(
+            id=next(ids), arrival=time.monotonic(), prompt_tokens=rng.randint(100, 2000), model="m"
+        )
+
+    waiting: list[Any] = []
+    try:
+        for _ in range(n_endpoints * 4096):  # fill every batch: until a request is held
+            placed = disp.submit(request())
+            if not isinstance(placed, Flight):
+                waiting.append(placed)
+                break
+        else:
+            raise BenchError(f"{policy} never held a request: it does not hold at the router")
+        while disp.queued < backlog:
+            waiting.append(disp.submit(request()))
+        samples = []
+        perf = time.perf_counter_ns
+        for _ in range(submits):
+            t0 = perf()
+            placed = disp.submit(request())
+            samples.append((perf() - t0) / 1000.0)
+            if isinstance(placed, Flight):
+                raise BenchError(f"{policy}: a request was routed while every batch was full")
+            waiting.append(placed)
+    finally:
+        for f in waiting:
+            f.cancel()
+        director.close()
+    st = _stats(samples)
+    return {"policy": policy, "endpoints": n_endpoints, "held": backlog, "submits": len(samples),
+            "p50_us": st["p50"], "p99_us": st["p99"], "mean_us": st["mean"]}  # fmt: skip
+
+
 class _AbortContext:
     """The part of a gRPC servicer context the servicer uses: ``abort`` ends the stream."""
 
@@ -575,8 +634,40 @@ def run_decision(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str
         print(_route_table(streams, title), file=out)
     if any(r["held"] for r in rows + streams):
         print("  (held decisions waited at the router and are left out of the latency numbers)", file=out)
+    backlog_rows = []
+    for held in _int_list(opts.backlog, "--backlog") if opts.backlog else []:
+        for pol in policies:
+            try:
+                backlog_rows.append(
+                    asyncio.run(
+                        _backlog_cell(pol, min(endpoints), held, submits=opts.decisions, seed=opts.seed)
+                    )
+                )
+            except ConfigError as err:
+                raise BenchError(f"policy {pol!r}: {err}") from None
+    if backlog_rows:
+        print(
+            _table(
+                ["policy", "endpoints", "held", "submits", "p50 us", "p99 us", "mean us"],
+                [
+                    [
+                        r["policy"],
+                        r["endpoints"],
+                        r["held"],
+                        r["submits"],
+                        r["p50_us"],
+                        r["p99_us"],
+                        r["mean_us"],
+                    ]
+                    for r in backlog_rows
+                ],
+                title="\nA dispatch round with a backlog held at the router (every batch full; one more "
+                "request queued and held per timed submit):",
+            ),
+            file=out,
+        )
     out.flush()
-    return {"bodies": summary, "parse": parse_rows, "route": rows, "stream": streams}
+    return {"bodies": summary, "parse": parse_rows, "route": rows, "stream": streams, "backlog": backlog_rows}
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -1834,6 +1925,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--warmup", type=_non_negative, default=200, help="untimed decisions first (default 200)")
     d.add_argument(
         "--inflight", type=_non_negative, default=4, help="requests left in flight per endpoint (default 4)"
+    )
+    d.add_argument(
+        "--backlog",
+        default="",
+        help="also time a dispatch round with this many requests held at the router, comma-separated "
+        "(policies that hold: impact, rl, br0, brh; at the smallest pool size)",
     )
     e = p.add_argument_group("envoy part")
     e.add_argument(

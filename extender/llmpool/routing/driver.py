@@ -92,6 +92,11 @@ def dispatch_round(
     decisions = 0
     release = _releasable(policy, view)
     while pos < len(queue) and pos < window:
+        if release is not None and not release:
+            # the plan routes nothing more this round (every batch full): the rest are Holds
+            held = True
+            decisions += min(len(queue), window) - pos
+            break
         req = queue[pos]
         if release is not None and req.id not in release:
             # the policy's round plan holds it: a Hold, without asking decide
