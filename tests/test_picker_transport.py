@@ -150,11 +150,7 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish(name: str) -> None:
             open_call = stub.Process()
             await open_call.write(_headers())
             await open_call.write(_body(BODY[:10], end=False))  # mid-body: the stream stays open
-            for _ in range(100):
-                if r.servicer.open_streams == 1:
-                    break
-                await asyncio.sleep(0.02)
-            assert r.servicer.open_streams == 1
+            await _open_streams_become(r, 1)
             stopping = asyncio.create_task(r.t.stop(5.0))
             await asyncio.sleep(0.3)
             assert not stopping.done()  # waiting for the open stream
@@ -225,11 +221,7 @@ def test_a_message_that_waits_keeps_the_streams_answers_in_order(name: str, monk
                 kinds = [(await asyncio.wait_for(slow.read(), 5)).WhichOneof("response") for _ in range(3)]
                 assert kinds == ["request_headers", "request_body", "response_headers"]
                 await slow.done_writing()
-            for _ in range(100):
-                if r.servicer.open_streams == 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert r.servicer.open_streams == 0
+            await _open_streams_become(r, 0)
             assert r.servicer.director.ds.inflight_total() == 0
         finally:
             await r.t.stop(0.5)
@@ -257,11 +249,7 @@ def test_a_client_gone_while_its_request_waits_releases_it(name: str, monkeypatc
                 await asyncio.wait_for(started.wait(), 5)
                 assert r.servicer.open_streams == 1
                 call.cancel()
-                for _ in range(100):
-                    if r.servicer.open_streams == 0:
-                        break
-                    await asyncio.sleep(0.02)
-                assert r.servicer.open_streams == 0
+                await _open_streams_become(r, 0)
         finally:
             await r.t.stop(0.5)
 
@@ -321,10 +309,7 @@ def test_a_large_body_comes_back_whole_in_chunks(name: str) -> None:
 def test_h2_waits_for_the_clients_flow_control_window() -> None:
     """A client that opens only 1,000 bytes of window per stream still gets the whole answer:
     the h2 transport holds what does not fit and sends it as the client's updates arrive."""
-    import h2.config
-    import h2.connection
     import h2.events
-    import h2.settings
 
     from llmpool.picker.h2transport import grpc_frame
 
@@ -336,13 +321,7 @@ def test_h2_waits_for_the_clients_flow_control_window() -> None:
         await r.t.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
         try:
-            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-            c.initiate_connection()
-            c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1_000})
-            sid = c.get_next_available_stream_id()
-            c.send_headers(sid, [(b":method", b"POST"), (b":path", PROCESS_METHOD.encode()),
-                                 (b":scheme", b"http"), (b":authority", b"picker"),
-                                 (b"content-type", b"application/grpc"), (b"te", b"trailers")])  # fmt: skip
+            c, sid = _raw_process_stream(window=1_000)
             c.send_data(sid, grpc_frame(_headers()) + grpc_frame(_body(body)))
             writer.write(c.data_to_send())
             data = bytearray()
@@ -389,8 +368,6 @@ def _frames(data: bytes) -> list[bytes]:
 def test_h2_refuses_a_compressed_or_oversized_message(prefix: bytes, code: bytes, needle: bytes) -> None:
     """A compressed message fails its stream with INTERNAL, a length prefix past the limit with
     RESOURCE_EXHAUSTED before anything is buffered; the stream's state is released."""
-    import h2.config
-    import h2.connection
     import h2.events
 
     async def main() -> None:
@@ -398,12 +375,7 @@ def test_h2_refuses_a_compressed_or_oversized_message(prefix: bytes, code: bytes
         await r.t.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
         try:
-            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-            c.initiate_connection()
-            sid = c.get_next_available_stream_id()
-            c.send_headers(sid, [(b":method", b"POST"), (b":path", PROCESS_METHOD.encode()),
-                                 (b":scheme", b"http"), (b":authority", b"picker"),
-                                 (b"content-type", b"application/grpc"), (b"te", b"trailers")])  # fmt: skip
+            c, sid = _raw_process_stream()
             c.send_data(sid, prefix)
             writer.write(c.data_to_send())
             trailers: dict[bytes, bytes] = {}
@@ -424,3 +396,30 @@ def test_h2_refuses_a_compressed_or_oversized_message(prefix: bytes, code: bytes
             await r.t.stop(0.5)
 
     asyncio.run(main())
+
+
+async def _open_streams_become(r: _Running, n: int) -> None:
+    for _ in range(100):
+        if r.servicer.open_streams == n:
+            break
+        await asyncio.sleep(0.02)
+    assert r.servicer.open_streams == n
+
+
+def _raw_process_stream(window: int | None = None) -> tuple[Any, int]:
+    """An HTTP/2 client connection (the ``h2`` library, no gRPC stack) with an ext_proc call
+    opened on it (headers only; the caller sends its bytes); ``window``: the client's
+    initial stream window."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    c.initiate_connection()
+    if window is not None:
+        c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(b":method", b"POST"), (b":path", PROCESS_METHOD.encode()),
+                         (b":scheme", b"http"), (b":authority", b"picker"),
+                         (b"content-type", b"application/grpc"), (b"te", b"trailers")])  # fmt: skip
+    return c, sid
