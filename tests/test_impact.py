@@ -352,3 +352,45 @@ def test_a_round_adds_only_the_new_requests_to_its_heap() -> None:
     queue += [Request(id=50 + i, arrival=1.0 + i * 0.01, prompt_tokens=100) for i in range(3)]
     pol.releasable(PoolView(now=2.0, endpoints=full, queue=tuple(queue)))
     assert sorted(pushed) == [50, 51, 52]
+
+
+def test_a_failing_round_plan_falls_back_to_decide_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    """``releasable`` raising is not fatal: the driver asks ``decide`` about each request and
+    logs the failure once per policy, naming it and the error."""
+    import logging
+
+    from llmpool.routing.driver import dispatch_round
+    from llmpool.routing.policy import Policy
+    from llmpool.routing.types import Decision, Hold
+
+    class EvenOnly(Policy):
+        name = "even-only"
+        queue_window = 16
+
+        def decide(self, request: Request, view: PoolView) -> Decision:
+            return Route((0,)) if request.id % 2 == 0 else Hold()
+
+        def releasable(self, view: PoolView) -> set[int] | None:
+            raise ValueError("plan exploded")
+
+    pol = EvenOnly()
+    view = PoolView(now=1.0, endpoints=[ep(0)], queue=())
+    placed: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="llmpool.routing.driver"):
+        for _ in range(3):  # three rounds, one warning
+            queue = [Request(id=i, arrival=0.0, prompt_tokens=10) for i in range(6)]
+            held, n = dispatch_round(
+                pol,
+                view,
+                queue,
+                16,
+                lambda r, d: placed.append(r.id) or 0,
+                lambda r, e: pytest.fail(str(e)),
+            )
+            assert held and n == 6 and [r.id for r in queue] == [1, 3, 5]
+    assert placed == [0, 2, 4] * 3
+    warnings = [r.getMessage() for r in caplog.records if "releasable() failed" in r.getMessage()]
+    assert warnings == [
+        "policy 'even-only': releasable() failed (ValueError: plan exploded); "
+        "asking decide() about each request instead"
+    ]

@@ -17,10 +17,16 @@ and the same router-side accounting in the lab and in production:
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Container, MutableSequence
 
 from llmpool.routing.policy import Policy
 from llmpool.routing.types import EndpointState, Hold, PoolView, Request, Route
+
+_log = logging.getLogger(__name__)
+# policies whose releasable() already failed once: warned about once, not on every round
+_warned_releasable: weakref.WeakSet[Policy] = weakref.WeakSet()
 
 
 class DispatchError(RuntimeError):
@@ -134,8 +140,17 @@ def dispatch_round(
 
 
 def _releasable(policy: Policy, view: PoolView) -> Container[int] | None:
-    """``policy.releasable(view)``; a policy that fails there is asked about each request."""
+    """``policy.releasable(view)``; a policy that fails there is asked about each request
+    (logged once per policy object, with the error)."""
     try:
         return policy.releasable(view)
-    except Exception:
+    except Exception as exc:
+        if policy not in _warned_releasable:
+            _warned_releasable.add(policy)
+            _log.warning(
+                "policy %r: releasable() failed (%s: %s); asking decide() about each request instead",
+                policy.name,
+                type(exc).__name__,
+                exc,
+            )
         return None
