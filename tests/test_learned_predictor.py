@@ -601,8 +601,12 @@ def test_lab_and_bench_commands_run_on_a_tiny_dataset(
     assert main(args) == 0
     res = json.loads(out.read_text())
     brh = 'brh:{"horizon": 4, "projection": "expected"}'
-    assert set(res["policies"]) == {"impact", brh}
-    assert set(res["policies"][brh]["means"]) == {"survival", "learned", "oracle"}
+    assert set(res["targets"]) == {"chatty"} and res["targets"]["chatty"]["rate"] == 5.0
+    per = res["targets"]["chatty"]["policies"]
+    assert set(per) == {"impact", brh}
+    assert list(per[brh]["means"]) == ["survival", "learned:fast", "oracle"]
+    assert set(per[brh]["gap_closed"]) == {"learned:fast"}
+    assert set(per[brh]["vs_survival"]) == {"learned:fast", "oracle"}
     capsys.readouterr()
     for bad, message in (("brh:{nope}", "not valid JSON"), ('brh:{"horizon": -1}', "horizon")):
         assert main([*args[:-4], "--policies", bad]) == 2
@@ -613,6 +617,61 @@ def test_lab_and_bench_commands_run_on_a_tiny_dataset(
     assert "fast:fast.onnx: p50" in capsys.readouterr().out
     assert main([*args[:4], "--target", "nobody"]) == 2
     assert "no rows for target model 'nobody'" in capsys.readouterr().err
+    assert main([*args[:4], "--target", "chatty,nobody", "--load", "100"]) == 2
+    assert "no rows for target model 'nobody'" in capsys.readouterr().err
+    assert main([*args[:4], "--model", "fast", "--model", "fast"]) == 2
+    assert "a learned model is given twice" in capsys.readouterr().err
+
+
+def test_the_lab_runs_several_models_and_targets_and_pools_their_gaps(
+    tiny: Path, tiny_model: tuple[object, Path, list[Example]], tmp_path: Path
+) -> None:
+    """Two learned models are two variants on the same workloads; ``--load`` gives each target
+    the rate that offers it the same output tokens per second; the pooled gap is the sum of
+    the savings over the sum of the oracle's."""
+    from llmpool.cli import main
+    from llmpool.predict.lab import learned_variant
+
+    _, path, _ = tiny_model
+    out = tmp_path / "lab.json"
+    assert main(["predictor", "lab", "--jsonl", str(tiny), "--target", "chatty,terse",
+                 "--load", "2000", "--model", "fast", "--model", str(path), "--requests", "40", "--runs", "2",
+                 "--policies", "impact", "--json", str(out)]) == 0  # fmt: skip
+    res = json.loads(out.read_text())
+    _, test = split_by_prompt(load_jsonl(tiny), 0.2, 0)
+    for t in ("chatty", "terse"):
+        lengths = [max(1, e.output_tokens) for e in test if e.model == t]
+        assert res["targets"][t]["rate"] == pytest.approx(2000 / (sum(lengths) / len(lengths)))
+    assert res["targets"]["chatty"]["rate"] < res["targets"]["terse"]["rate"]
+    variants = [learned_variant("fast"), learned_variant(str(path))]
+    means = {t: res["targets"][t]["policies"]["impact"]["means"] for t in ("chatty", "terse")}
+    assert list(means["chatty"]) == ["survival", *variants, "oracle"]
+    seeds = {t: res["targets"][t]["policies"]["impact"]["per_seed"] for t in means}
+    assert all(len(seeds[t][v]["e2e_mean_s"]) == 2 for t in means for v in means[t])
+    # the two learned models are different predictors on the same workloads
+    assert means["chatty"][variants[0]] != means["chatty"][variants[1]]
+    for v in variants:
+        saved = sum(m["survival"]["e2e_mean_s"] - m[v]["e2e_mean_s"] for m in means.values())
+        gap = sum(m["survival"]["e2e_mean_s"] - m["oracle"]["e2e_mean_s"] for m in means.values())
+        pooled = res["pooled"]["impact"][v]["e2e_mean_s"]
+        assert pooled == pytest.approx(saved / gap) if gap > 0 else pooled is None
+
+
+def test_the_pooled_gap_weighs_targets_by_their_gap() -> None:
+    from llmpool.predict.lab import pooled_gap
+
+    def target(survival: float, learned: float, oracle: float) -> dict[str, object]:
+        return {"policies": {"p": {"means": {
+            "survival": {"e2e_mean_s": survival, "throughput_window_tok_s": -survival},
+            "learned:x": {"e2e_mean_s": learned, "throughput_window_tok_s": -learned},
+            "oracle": {"e2e_mean_s": oracle, "throughput_window_tok_s": -oracle},
+        }}}}  # fmt: skip
+
+    # a big gap closed by half and a tiny one made much worse: the big one dominates
+    per = {"a": target(10.0, 9.0, 8.0), "b": target(5.0, 5.05, 4.99)}
+    assert pooled_gap(per, "p", "learned:x", "e2e_mean_s") == pytest.approx(0.95 / 2.01)
+    assert pooled_gap(per, "p", "learned:x", "throughput_window_tok_s") == pytest.approx(0.95 / 2.01)
+    assert pooled_gap({"a": target(10.0, 9.0, 10.5)}, "p", "learned:x", "e2e_mean_s") is None
 
 
 def test_the_picker_passes_the_prompt_text_to_predictors() -> None:

@@ -153,18 +153,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _data_args(lab)
     lab.add_argument(
         "--target",
-        metavar="MODEL",
+        metavar="MODEL[,MODEL...]",
         default="gpt4_1106_preview",
-        help="the generator whose answer lengths the requests have (default gpt4_1106_preview)",
+        help="the generators whose answer lengths the requests have, one workload each "
+        "(default gpt4_1106_preview)",
     )
-    lab.add_argument("--model", metavar="PATH", default="fast", help="the learned model (default fast)")
+    lab.add_argument(
+        "--model",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="a learned model .onnx, or 'fast' (repeatable: each is one variant; default fast)",
+    )
     lab.add_argument(
         "--policies",
         default="impact,brh",
         help="comma-separated, each a name or name:{json params}, e.g. 'brh:{\"horizon\": 64}' "
         "(default impact,brh)",
     )
-    lab.add_argument("--rate", type=float, default=30.0, help="arrivals per second (default 30)")
+    offered = lab.add_mutually_exclusive_group()
+    offered.add_argument("--rate", type=float, help="arrivals per second, every target (default 30)")
+    offered.add_argument(
+        "--load",
+        type=float,
+        metavar="TOKENS_PER_S",
+        help="instead of --rate: output tokens per second; each target's rate is this over its mean "
+        "answer length, so targets with short and long answers get the same decode work",
+    )
     lab.add_argument("--requests", type=int, default=3000, help="requests per run (default 3000)")
     lab.add_argument("--runs", type=int, default=3, help="seeds (default 3)")
     lab.add_argument("--instances", type=int, default=4, help="endpoints (default 4)")
@@ -285,39 +300,56 @@ def _plus_minus(mean: float, sd: float) -> str:
 
 def _lab(args: argparse.Namespace) -> int:
     from llmpool.predict.data import split_by_prompt
-    from llmpool.predict.lab import METRICS, run_lab
+    from llmpool.predict.lab import METRICS, run_lab, target_rates
     from llmpool.predict.runtime import load_model
 
-    m = load_model(args.model)
-    split = m.meta.get("trained", {}).get("split")
+    paths = args.model or ["fast"]
     want = {"seed": args.seed, "test_fraction": args.test_fraction}
-    if split is not None and split != want:
-        raise PredictError(
-            f"{m.path} was trained on split {split}, not {want}: pass the same --seed/--test-fraction"
-        )
+    for path in paths:
+        m = load_model(path)
+        split = m.meta.get("trained", {}).get("split")
+        if split is not None and split != want:
+            raise PredictError(
+                f"{m.path} was trained on split {split}, not {want}: pass the same --seed/--test-fraction"
+            )
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    if not targets:
+        raise PredictError("--target: no target model given")
     _, test = split_by_prompt(_load(args), args.test_fraction, args.seed)
     from llmpool.lab.bench import split_policies
 
     policies = split_policies(args.policies)
+    rate = args.rate if args.rate is not None or args.load is not None else 30.0
     res = run_lab(
-        test, args.target, predictor_model=args.model, policies=policies, rate=args.rate,
-        requests=args.requests, seeds=args.runs, instances=args.instances, profile_name=args.profile,
-        group_size=args.group_size,
+        test, target_rates(test, targets, rate=None if args.load is not None else rate, load=args.load),
+        predictor_models=paths, policies=policies, requests=args.requests, seeds=args.runs,
+        instances=args.instances, profile_name=args.profile, group_size=args.group_size,
     )  # fmt: skip
-    print(f"target {args.target}, {args.requests} requests at {args.rate}/s on {args.instances} endpoints "
-          f"({args.profile}), {args.runs} seeds; prompts unseen in training")  # fmt: skip
-    for pol, r in res["policies"].items():
-        print(f"{pol}:")
-        print(f"  {'':10s}" + "".join(f"{k.replace('throughput_window', 'tput'):>17s}" for k in METRICS))
-        for var, means in r["means"].items():
-            print(f"  {var:10s}" + "".join(f"{means[k]:17.3f}" for k in METRICS))
-        gaps = r["gap_closed"]
-        cells = ["no gap" if gaps[k] is None else f"{gaps[k] * 100:.0f}%" for k in METRICS]
-        print(f"  {'gap closed':10s}" + "".join(f"{c:>17s}" for c in cells))
-        print("  minus survival on the same seed, mean ± std over seeds:")
-        for var, diffs in r["vs_survival"].items():
-            cells = [_plus_minus(*diffs[k]) for k in METRICS]
-            print(f"  {var:10s}" + "".join(f"{c:>17s}" for c in cells))
+    width = max(10, *(len(v) for v in res["targets"][targets[0]]["policies"][policies[0]]["means"]))
+    for target, per in res["targets"].items():
+        print(f"target {target}, {args.requests} requests at {per['rate']:.1f}/s on {args.instances} "
+              f"endpoints ({args.profile}), {args.runs} seeds; prompts unseen in training")  # fmt: skip
+        for pol, r in per["policies"].items():
+            print(f"{pol}:")
+            print(
+                f"  {'':{width}s}"
+                + "".join(f"{k.replace('throughput_window', 'tput'):>17s}" for k in METRICS)
+            )
+            for var, means in r["means"].items():
+                print(f"  {var:{width}s}" + "".join(f"{means[k]:17.3f}" for k in METRICS))
+            for var, gaps in r["gap_closed"].items():
+                cells = ["no gap" if gaps[k] is None else f"{gaps[k] * 100:.0f}%" for k in METRICS]
+                print(f"  {'gap closed, ' + var:{width}s}" + "".join(f"{c:>17s}" for c in cells))
+            print("  minus survival on the same seed, mean ± std over seeds:")
+            for var, diffs in r["vs_survival"].items():
+                cells = [_plus_minus(*diffs[k]) for k in METRICS]
+                print(f"  {var:{width}s}" + "".join(f"{c:>17s}" for c in cells))
+    if len(targets) > 1:
+        print(f"pooled over {len(targets)} targets (the sum of each saving over the sum of the oracle's):")
+        for pol, per_var in res["pooled"].items():
+            for var, gaps in per_var.items():
+                cells = ["no gap" if gaps[k] is None else f"{gaps[k] * 100:.0f}%" for k in METRICS]
+                print(f"  {pol + ', ' + var:{width + 8}s}" + "".join(f"{c:>17s}" for c in cells))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

@@ -1,11 +1,12 @@
 """``llmpool predictor lab``: does the learned predictor help the workload-aware policies?
 
-Builds a workload whose requests carry AlpacaEval prompt text and the answer lengths of one
-target model, from the prompts held out of training only (the same split by prompt as
+For each target model, builds a workload whose requests carry AlpacaEval prompt text and that
+model's answer lengths, from the prompts held out of training only (the same split by prompt as
 ``train``), with Poisson arrivals. Then runs ``impact`` and ``brh`` in the simulator with the
-``survival`` predictor, with the ``learned`` predictor and with the lab's ``oracle``, on the
-same workloads and seeds, and reports how much of the gap between Survival and the oracle the
-learned predictor closes: ``(survival - learned) / (survival - oracle)`` of each latency metric.
+``survival`` predictor, with each learned model and with the lab's ``oracle``, on the same
+workloads and seeds, and reports how much of the gap between Survival and the oracle each
+learned model closes: ``(survival - learned) / (survival - oracle)`` of each latency metric,
+per target and pooled over the targets.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ import numpy as np
 from llmpool.predict import PredictError
 from llmpool.predict.data import Example
 
-__all__ = ["alpaca_workload", "gap_closed", "paired_difference", "run_lab"]
+__all__ = [
+    "alpaca_workload",
+    "gap_closed",
+    "learned_variant",
+    "paired_difference",
+    "pooled_gap",
+    "run_lab",
+    "target_rates",
+]
 
 METRICS = ("e2e_mean_s", "e2e_p99_s", "ttft_p99_s", "tpot_mean_s", "throughput_window_tok_s")
 
@@ -90,13 +99,39 @@ def _variant_config(spec: dict[str, Any], variant: dict[str, Any] | None) -> dic
     return {"name": spec["name"], "params": {**base, **variant}}
 
 
+def learned_variant(model: str) -> str:
+    """The variant name of a learned model in the results: ``learned:<model as given>``."""
+    return f"learned:{model}"
+
+
+def target_rates(
+    examples: Sequence[Example], targets: Sequence[str], *, rate: float | None, load: float | None
+) -> list[tuple[str, float]]:
+    """``(target, arrivals per second)``: ``rate`` for every target, or, with ``load`` (output
+    tokens per second), ``load`` over the mean answer length of each target's rows, so that
+    targets with short and long answers are offered the same decode work."""
+    if (rate is None) == (load is None):
+        raise PredictError("give exactly one of rate and load")
+    out = []
+    for t in targets:
+        if load is None:
+            assert rate is not None
+            out.append((t, rate))
+            continue
+        lengths = [max(1, e.output_tokens) for e in examples if e.model == t]
+        if not lengths:
+            known = sorted({e.model for e in examples})
+            raise PredictError(f"no rows for target model {t!r} (some known: {', '.join(known[:5])}, ...)")
+        out.append((t, load / float(np.mean(lengths))))
+    return out
+
+
 def run_lab(
     examples: Sequence[Example],
-    model: str,
+    targets: Sequence[tuple[str, float]],
     *,
-    predictor_model: str,
+    predictor_models: Sequence[str],
     policies: Sequence[str],
-    rate: float,
     requests: int,
     seeds: int,
     instances: int,
@@ -104,11 +139,14 @@ def run_lab(
     group_size: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every (policy, predictor, seed); return per-configuration means and the gap closed.
+    """Run every (target, policy, predictor, seed); per target and policy, the means, the
+    paired differences against Survival and the gap each learned model closes; across targets,
+    the pooled gap (see :func:`pooled_gap`).
 
-    Each of ``policies`` is a name or ``name:{json params}`` (as ``llmpool bench`` takes them);
-    the variants differ only in the predictor, set over those parameters (the oracle variant is
-    the policy's ``-oracle`` twin with the same parameters)."""
+    ``targets`` are ``(target model, arrivals per second)``. Each of ``policies`` is a name or
+    ``name:{json params}`` (as ``llmpool bench`` takes them); the variants differ only in the
+    predictor, set over those parameters: ``survival``, one ``learned:<model>`` per entry of
+    ``predictor_models``, and ``oracle`` (the policy's ``-oracle`` twin, same parameters)."""
     from tqdm import tqdm
 
     from llmpool.lab.bench import policy_config
@@ -117,15 +155,19 @@ def run_lab(
     from llmpool.routing.policy import PolicyContext
     from llmpool.routing.profile import load_profile
 
+    if not predictor_models:
+        raise PredictError("no learned model to run")
+    if len(set(predictor_models)) != len(predictor_models):
+        raise PredictError(f"a learned model is given twice: {', '.join(predictor_models)}")
     profile = load_profile(profile_name)
     reg = builtin_registry()
-    variants: dict[str, dict[str, Any] | None] = {
-        "survival": {"predictor": {"name": "survival"}},
-        "learned": {
-            "predictor": {"name": "learned", "params": {"model": predictor_model, "on_error": "raise"}}
-        },
-        "oracle": None,
-    }
+    variants: dict[str, dict[str, Any] | None] = {"survival": {"predictor": {"name": "survival"}}}
+    for m in predictor_models:
+        variants[learned_variant(m)] = {
+            "predictor": {"name": "learned", "params": {"model": m, "on_error": "raise"}}
+        }
+    variants["oracle"] = None
+    learned = [learned_variant(m) for m in predictor_models]
     specs: dict[str, dict[str, Any]] = {}
     for pol in policies:  # every spec checked (with each variant's predictor) before the first run
         try:
@@ -134,49 +176,79 @@ def run_lab(
                 reg.validate(_variant_config(specs[pol], vparams))
         except ValueError as err:  # a bad spec (BenchError) or bad parameters (ConfigError)
             raise PredictError(f"--policies: {err}") from None
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {v: [] for v in variants} for p in policies}
-    todo = [(p, v, s) for s in range(seeds) for p in policies for v in variants]
+    workloads = {  # built (and checked) before the first run, one per target and seed
+        (t, seed): alpaca_workload(examples, t, n=requests, rate=r, seed=seed)
+        for t, r in targets
+        for seed in range(seeds)
+    }
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    todo = [(t, p, v, s) for t, _ in targets for s in range(seeds) for p in policies for v in variants]
     bar = tqdm(todo, desc="lab runs", unit="run", disable=not progress)
-    for pol, var, seed in bar:
-        wl = alpaca_workload(examples, model, n=requests, rate=rate, seed=seed)
+    for target, pol, var, seed in bar:
+        wl = workloads[(target, seed)]
         truth = {it.request.id: it.output_tokens for it in wl.items}.get
         ctx = PolicyContext(rng=random.Random(seed), truth=truth, profile=profile)
         policy = reg.build(_variant_config(specs[pol], variants[var]), ctx)
         t0 = time.perf_counter()
         res = Simulator(profile, policy, SimConfig(instances=instances, group_size=group_size)).run(wl.items)
         row = {**res.summary.to_dict(), "sim_wall_s": time.perf_counter() - t0}
-        runs[pol][var].append(row)
+        runs.setdefault((target, pol, var), []).append(row)
     bar.close()
     out: dict[str, Any] = {
-        "target_model": model,
-        "rate": rate,
         "requests": requests,
         "seeds": seeds,
         "instances": instances,
         "group_size": group_size,
         "profile": profile_name,
-        "predictor_model": predictor_model,
-        "policies": {},
+        "predictor_models": list(predictor_models),
+        "targets": {},
     }
-    for pol in policies:
-        means = {v: {m: float(np.mean([r[m] for r in runs[pol][v]])) for m in METRICS} for v in variants}
-        base = runs[pol]["survival"]
-        out["policies"][pol] = {
-            "means": means,
-            "per_seed": {v: {m: [float(r[m]) for r in runs[pol][v]] for m in METRICS} for v in variants},
-            # learned and oracle minus survival, paired by seed: (mean, std over seeds)
-            "vs_survival": {
-                v: {m: paired_difference([r[m] for r in base], [r[m] for r in runs[pol][v]]) for m in METRICS}
-                for v in ("learned", "oracle")
-            },
-            "gap_closed": {
-                m: gap_closed(
-                    means["survival"][m],
-                    means["learned"][m],
-                    means["oracle"][m],
-                    higher_is_better=m in HIGHER_IS_BETTER,
-                )
-                for m in METRICS
-            },
-        }
+    for target, rate in targets:
+        per: dict[str, Any] = {"rate": rate, "policies": {}}
+        for pol in policies:
+            rows = {v: runs[(target, pol, v)] for v in variants}
+            means = {v: {m: float(np.mean([r[m] for r in rows[v]])) for m in METRICS} for v in variants}
+            base = rows["survival"]
+            per["policies"][pol] = {
+                "means": means,
+                "per_seed": {v: {m: [float(r[m]) for r in rows[v]] for m in METRICS} for v in variants},
+                # every other variant minus survival, paired by seed: (mean, std over seeds)
+                "vs_survival": {
+                    v: {m: paired_difference([r[m] for r in base], [r[m] for r in rows[v]]) for m in METRICS}
+                    for v in variants
+                    if v != "survival"
+                },
+                "gap_closed": {
+                    v: {
+                        m: gap_closed(
+                            means["survival"][m],
+                            means[v][m],
+                            means["oracle"][m],
+                            higher_is_better=m in HIGHER_IS_BETTER,
+                        )
+                        for m in METRICS
+                    }
+                    for v in learned
+                },
+            }
+        out["targets"][target] = per
+    out["pooled"] = {
+        pol: {v: {m: pooled_gap(out["targets"], pol, v, m) for m in METRICS} for v in learned}
+        for pol in policies
+    }
     return out
+
+
+def pooled_gap(per_target: dict[str, Any], policy: str, variant: str, metric: str) -> float | None:
+    """The gap closed over all targets together: the sum over targets of what ``variant`` saves
+    against Survival over the sum of what the oracle saves (targets weigh by their gap, so a
+    target with almost no gap cannot swing the answer). None when the oracle saves nothing."""
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+    saved = gap = 0.0
+    for res in per_target.values():
+        means = res["policies"][policy]["means"]
+        saved += sign * (means["survival"][metric] - means[variant][metric])
+        gap += sign * (means["survival"][metric] - means["oracle"][metric])
+    if not math.isfinite(gap) or gap <= 0.0:
+        return None
+    return saved / gap
