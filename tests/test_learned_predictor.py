@@ -650,6 +650,7 @@ def test_the_lab_runs_several_models_and_targets_and_pools_their_gaps(
     assert all(len(seeds[t][v]["e2e_mean_s"]) == 2 for t in means for v in means[t])
     # the two learned models are different predictors on the same workloads
     assert means["chatty"][variants[0]] != means["chatty"][variants[1]]
+    assert set(res["pooled_interval"]["impact"]) == set(variants)
     for v in variants:
         saved = sum(m["survival"]["e2e_mean_s"] - m[v]["e2e_mean_s"] for m in means.values())
         gap = sum(m["survival"]["e2e_mean_s"] - m["oracle"]["e2e_mean_s"] for m in means.values())
@@ -672,6 +673,34 @@ def test_the_pooled_gap_weighs_targets_by_their_gap() -> None:
     assert pooled_gap(per, "p", "learned:x", "e2e_mean_s") == pytest.approx(0.95 / 2.01)
     assert pooled_gap(per, "p", "learned:x", "throughput_window_tok_s") == pytest.approx(0.95 / 2.01)
     assert pooled_gap({"a": target(10.0, 9.0, 10.5)}, "p", "learned:x", "e2e_mean_s") is None
+
+
+def test_the_pooled_gap_interval_resamples_seeds_and_keeps_them_paired() -> None:
+    from llmpool.predict.lab import pooled_gap, pooled_gap_interval
+
+    def target(survival: list[float], learned: list[float], oracle: list[float]) -> dict[str, object]:
+        def means(x: list[float]) -> dict[str, float]:
+            return {"e2e_mean_s": sum(x) / len(x)}
+
+        return {"policies": {"p": {
+            "means": {"survival": means(survival), "learned:x": means(learned), "oracle": means(oracle)},
+            "per_seed": {"survival": {"e2e_mean_s": survival}, "learned:x": {"e2e_mean_s": learned},
+                         "oracle": {"e2e_mean_s": oracle}},
+        }}}  # fmt: skip
+
+    # the seeds differ a lot, but each closes exactly half of its own gap: no spread at all
+    per = {"a": target([10.0, 20.0, 30.0], [9.0, 18.0, 27.0], [8.0, 16.0, 24.0])}
+    lo, hi = pooled_gap_interval(per, "p", "learned:x", "e2e_mean_s")  # type: ignore[misc]
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    # noisy seeds: the interval holds the point estimate and is not degenerate
+    per = {
+        "a": target([10.0, 11.0, 9.5, 10.2], [9.0, 10.9, 9.4, 9.5], [8.0, 10.0, 8.9, 9.0]),
+        "b": target([5.0, 5.2, 4.9, 5.1], [5.0, 5.0, 4.8, 5.2], [4.5, 4.8, 4.6, 4.7]),
+    }
+    point = pooled_gap(per, "p", "learned:x", "e2e_mean_s")
+    lo, hi = pooled_gap_interval(per, "p", "learned:x", "e2e_mean_s")  # type: ignore[misc]
+    assert point is not None and lo < point < hi
+    assert pooled_gap_interval({"a": target([1.0], [0.5], [0.0])}, "p", "learned:x", "e2e_mean_s") is None
 
 
 def test_the_picker_passes_the_prompt_text_to_predictors() -> None:

@@ -350,6 +350,11 @@ def _lab(args: argparse.Namespace) -> int:
             for var, gaps in per_var.items():
                 cells = ["no gap" if gaps[k] is None else f"{gaps[k] * 100:.0f}%" for k in METRICS]
                 print(f"  {pol + ', ' + var:{width + 8}s}" + "".join(f"{c:>17s}" for c in cells))
+                iv = res["pooled_interval"][pol][var]
+                cells = [
+                    "-" if iv[k] is None else f"{iv[k][0] * 100:.0f}..{iv[k][1] * 100:.0f}%" for k in METRICS
+                ]
+                print(f"  {'  90% over seeds':{width + 8}s}" + "".join(f"{c:>17s}" for c in cells))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

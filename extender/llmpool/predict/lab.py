@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from llmpool.predict import PredictError
 from llmpool.predict.data import Example
@@ -28,6 +29,7 @@ __all__ = [
     "learned_variant",
     "paired_difference",
     "pooled_gap",
+    "pooled_gap_interval",
     "run_lab",
     "target_rates",
 ]
@@ -236,7 +238,38 @@ def run_lab(
         pol: {v: {m: pooled_gap(out["targets"], pol, v, m) for m in METRICS} for v in learned}
         for pol in policies
     }
+    out["pooled_interval"] = {
+        pol: {v: {m: pooled_gap_interval(out["targets"], pol, v, m) for m in METRICS} for v in learned}
+        for pol in policies
+    }
     return out
+
+
+def pooled_gap_interval(
+    per_target: dict[str, Any], policy: str, variant: str, metric: str, *, resamples: int = 2000
+) -> tuple[float, float] | None:
+    """A 90 % bootstrap interval of :func:`pooled_gap` over the seeds: the seeds are resampled
+    with replacement (the same draw for every target and variant, so the pairing by seed is
+    kept). None with fewer than two seeds, or when most resamples have no gap."""
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+    saved: list[npt.NDArray[np.float64]] = []
+    gap: list[npt.NDArray[np.float64]] = []
+    for res in per_target.values():
+        seeds = res["policies"][policy]["per_seed"]
+        base = np.asarray(seeds["survival"][metric], dtype=np.float64)
+        saved.append(sign * (base - np.asarray(seeds[variant][metric], dtype=np.float64)))
+        gap.append(sign * (base - np.asarray(seeds["oracle"][metric], dtype=np.float64)))
+    n = saved[0].shape[0]
+    if n < 2:
+        return None
+    s_tot, g_tot = np.sum(saved, axis=0), np.sum(gap, axis=0)  # per seed, summed over targets
+    draw = np.random.default_rng(0).integers(0, n, size=(resamples, n))
+    s_b, g_b = s_tot[draw].sum(axis=1), g_tot[draw].sum(axis=1)
+    ok = g_b > 0.0
+    if ok.sum() < resamples // 2:
+        return None
+    ratio = s_b[ok] / g_b[ok]
+    return float(np.quantile(ratio, 0.05)), float(np.quantile(ratio, 0.95))
 
 
 def pooled_gap(per_target: dict[str, Any], policy: str, variant: str, metric: str) -> float | None:
