@@ -496,6 +496,36 @@ def test_encoder_tier_serves_through_the_interface(tiny_encoder: tuple[Path, lis
     assert 0.0 <= p_fin <= 1.0 and 1.0 <= rem <= 80.0
 
 
+def test_the_encoder_prompt_cut_is_applied_in_serving_and_in_evaluation(
+    tiny_encoder: tuple[Path, list[Example]],
+) -> None:
+    """``encoder_max_length`` cuts the prompt before the encoder: the predictor answers what the
+    model says for the cut prompt, ``infer_many`` (the evaluation's path) agrees with it, and a
+    cut at or above the model's own length changes nothing."""
+    from llmpool.predict.runtime import EncoderModel
+
+    path, test = tiny_encoder
+    model = load_model(path)
+    assert isinstance(model, EncoderModel) and model.max_length == 64
+    long = " ".join(f"step {i}: write a detailed history of topic {i}." for i in range(40))
+    assert len(model.encode(long)[0]) == 64 and len(model.encode(long, 12)[0]) == 12
+    full, cut = model.infer(long, 400, None, "chatty"), model.infer(long, 400, None, "chatty", max_length=12)
+    assert full[0] != cut[0]
+    for value, expect in ((12, cut), (64, full), (200, full), (None, full)):
+        lp = build_learned(LearnedParams(model=str(path), on_error="raise", encoder_max_length=value))
+        assert isinstance(lp, LearnedPredictor)
+        r = _req(7, text=long, model="chatty")
+        r.prompt_tokens = 400
+        assert lp.distribution(r)[0] == pytest.approx(expect[0] + lp.correction("chatty")[0])
+    rows = [(long, 400, None, "chatty", ""), *((e.prompt, e.prompt_tokens, e.max_tokens, e.model, e.task)
+                                               for e in test[:3])]  # fmt: skip
+    mu_many, _ = model.infer_many(rows, max_length=12)
+    for i, r_ in enumerate(rows):
+        assert mu_many[i] == pytest.approx(model.infer(*r_, max_length=12)[0], abs=0.05)
+    with pytest.raises(ValueError, match="encoder_max_length"):
+        LearnedParams(encoder_max_length=4)
+
+
 def test_encoder_fine_tuning_is_deterministic_and_moves_only_the_tuned_layers(
     tiny_encoder: tuple[Path, list[Example]],
 ) -> None:

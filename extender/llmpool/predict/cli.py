@@ -133,6 +133,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="where eval.json and reliability.png go (default predictor-eval)",
     )
     e.add_argument("--latency-n", type=int, default=2000, help="requests timed per model (default 2000)")
+    e.add_argument(
+        "--cut",
+        metavar="N[,N...]",
+        default="",
+        help="also score each encoder model with the prompt cut to N tokens (the picker's "
+        "encoder_max_length), e.g. 64,128",
+    )
     e.set_defaults(func=run, predictor_func=_eval)
 
     b = sub.add_parser("bench", help="per-request inference latency of model files on one core")
@@ -382,11 +389,21 @@ def _eval(args: argparse.Namespace) -> int:
     train, test = split_by_prompt(examples, args.test_fraction, args.seed)
     results = baselines(train, test, edges)
     rows = [(e.prompt, e.prompt_tokens, e.max_tokens, e.model, e.task) for e in test]
+    try:
+        cuts = sorted({int(c) for c in args.cut.split(",") if c.strip()})
+    except ValueError:
+        raise PredictError(f"--cut: expected token counts like 64,128, got {args.cut!r}") from None
+    if any(not 8 <= c <= 512 for c in cuts):
+        raise PredictError(f"--cut: each token count must be in [8, 512], got {args.cut!r}")
     names: list[str] = []
     for m in loaded:
         name = f"{m.tier}:{m.path.name}"
         names.append(name)
         results[name] = m.infer_many(rows)
+        if isinstance(m, EncoderModel):
+            for c in cuts:
+                if c < m.max_length:
+                    results[f"{name}@{c}"] = m.infer_many(rows, max_length=c)
     report: dict[str, Any] = {
         "split": {"seed": args.seed, "test_fraction": args.test_fraction},
         "train_rows": len(train),

@@ -47,7 +47,7 @@ from collections import OrderedDict
 from typing import Final, TypeAlias, cast
 
 from llmpool.predict import PredictError
-from llmpool.predict.runtime import LoadedModel, load_model
+from llmpool.predict.runtime import EncoderModel, LoadedModel, load_model
 from llmpool.routing.policy import ConfigError
 from llmpool.routing.predictors import (
     LearnedParams,
@@ -135,6 +135,11 @@ class LearnedPredictor(LengthPredictor):
         # A model that costs milliseconds per request (the encoder) is run off the picker's loop;
         # requests whose answer did not come in time are answered by this empirical predictor.
         self.blocking = model.tier != "fast"
+        # the encoder's prompt cut, when the params ask for less than the model's own
+        self._max_length: int | None = None
+        cut = p.encoder_max_length
+        if isinstance(model, EncoderModel) and cut is not None and cut < model.max_length:
+            self._max_length = cut
         self._empirical: SurvivalPredictor | None = None
         self._no_model: OrderedDict[int, None] = OrderedDict()  # ids answered by _empirical
         if self.blocking:
@@ -145,9 +150,15 @@ class LearnedPredictor(LengthPredictor):
     # ------------------------------------------------------------------ the model's answer
     def _infer(self, request: Request) -> _Raw:
         """The model's answer for a request: reads only the request and the immutable model."""
-        mu, probs = self.model.infer(
-            request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task
-        )
+        if self._max_length is not None:
+            mu, probs = cast(EncoderModel, self.model).infer(
+                request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task,
+                max_length=self._max_length,
+            )  # fmt: skip
+        else:
+            mu, probs = self.model.infer(
+                request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task
+            )
         s = self.model.sigma_of(request.model)
         return (request.model, request.prompt_tokens, request.max_tokens, mu, s, probs)
 

@@ -242,17 +242,27 @@ class EncoderModel(LoadedModel):
             self._head = _session(hp)
 
     def infer_many(
-        self, rows: Sequence[tuple[str | None, int, int | None, str, str]], batch: int = 4096
+        self,
+        rows: Sequence[tuple[str | None, int, int | None, str, str]],
+        batch: int = 4096,
+        max_length: int | None = None,
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """Many requests: each distinct prompt is encoded once, then the head runs in batches."""
-        if self._head is None:
-            return super().infer_many(rows, batch)
+        """Many requests: each distinct prompt is encoded once (cut to ``max_length`` tokens,
+        default the model's), then the head runs in batches."""
+        if self._head is None:  # no separate head: the whole graph per request
+            mus = np.empty(len(rows))
+            probs_ = np.empty((len(rows), len(self.edges) + 1))
+            for i, r in enumerate(rows):
+                mu_i, p_i = self.infer(*r, max_length=max_length)
+                mus[i] = mu_i
+                probs_[i] = p_i
+            return mus, probs_
         k = len(self.edges) + 1
         emb: dict[str, npt.NDArray[np.float32]] = {}
         for r in rows:
             t = r[0] or ""
             if t not in emb:
-                ids, mask = self.encode(t)
+                ids, mask = self.encode(t, max_length)
                 feeds = {
                     "input_ids": np.asarray([ids], np.int64),
                     "attention_mask": np.asarray([mask], np.int64),

@@ -1017,6 +1017,14 @@ class LearnedParams(PredictorParams):
     )
     max_models: int = Field(default=256, ge=1, description="Target models with a correction kept (LRU).")
     cache_size: int = Field(default=65536, ge=1, description="Per-request predictions kept for termination.")
+    encoder_max_length: int | None = Field(
+        default=None,
+        ge=8,
+        le=512,
+        description="Encoder tier: cut the prompt to this many tokens before the encoder (default: the "
+        "model's own, 256; a larger value is the model's). Its CPU cost grows with the tokens: 64 or 128 "
+        "bound it on slow cores, for a small loss of accuracy (docs/predictor.md). The fast tier ignores it.",
+    )
     fallback: SurvivalParams = Field(
         default_factory=SurvivalParams, description="Parameters of the survival predictor used on failure."
     )
