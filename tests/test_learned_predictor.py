@@ -651,6 +651,10 @@ def test_lab_and_bench_commands_run_on_a_tiny_dataset(
     assert "no rows for target model 'nobody'" in capsys.readouterr().err
     assert main([*args[:4], "--model", "fast", "--model", "fast"]) == 2
     assert "a learned model is given twice" in capsys.readouterr().err
+    assert main([*args[:4], "--load", "-5"]) == 2
+    assert "--load must be a positive number, got -5.0" in capsys.readouterr().err
+    assert main([*args[:4], "--rate", "0"]) == 2
+    assert "--rate must be a positive number, got 0.0" in capsys.readouterr().err
 
 
 def test_the_lab_runs_several_models_and_targets_and_pools_their_gaps(

@@ -326,9 +326,9 @@ def _lab(args: argparse.Namespace) -> int:
     from llmpool.lab.bench import split_policies
 
     policies = split_policies(args.policies)
-    rate = args.rate if args.rate is not None or args.load is not None else 30.0
+    rate = None if args.load is not None else (args.rate if args.rate is not None else 30.0)
     res = run_lab(
-        test, target_rates(test, targets, rate=None if args.load is not None else rate, load=args.load),
+        test, target_rates(test, targets, rate=rate, load=args.load),
         predictor_models=paths, policies=policies, requests=args.requests, seeds=args.runs,
         instances=args.instances, profile_name=args.profile, group_size=args.group_size,
     )  # fmt: skip

@@ -114,6 +114,9 @@ def target_rates(
     targets with short and long answers are offered the same decode work."""
     if (rate is None) == (load is None):
         raise PredictError("give exactly one of rate and load")
+    for name, value in (("--rate", rate), ("--load", load)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise PredictError(f"{name} must be a positive number, got {value}")
     out = []
     for t in targets:
         if load is None:
