@@ -651,6 +651,8 @@ def test_lab_and_bench_commands_run_on_a_tiny_dataset(
     assert "no rows for target model 'nobody'" in capsys.readouterr().err
     assert main([*args[:4], "--model", "fast", "--model", "fast"]) == 2
     assert "a learned model is given twice" in capsys.readouterr().err
+    assert main([*args[:4], "--target", "chatty,terse,chatty"]) == 2
+    assert "a target model is given twice: chatty,terse,chatty" in capsys.readouterr().err
     assert main([*args[:4], "--load", "-5"]) == 2
     assert "--load must be a positive number, got -5.0" in capsys.readouterr().err
     assert main([*args[:4], "--rate", "0"]) == 2

@@ -322,6 +322,8 @@ def _lab(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     if not targets:
         raise PredictError("--target: no target model given")
+    if len(set(targets)) != len(targets):
+        raise PredictError(f"--target: a target model is given twice: {args.target}")
     _, test = split_by_prompt(_load(args), args.test_fraction, args.seed)
     from llmpool.lab.bench import split_policies
 
