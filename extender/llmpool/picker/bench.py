@@ -650,15 +650,7 @@ def run_decision(opts: argparse.Namespace, *, out: Any = sys.stdout) -> dict[str
             _table(
                 ["policy", "endpoints", "held", "submits", "p50 us", "p99 us", "mean us"],
                 [
-                    [
-                        r["policy"],
-                        r["endpoints"],
-                        r["held"],
-                        r["submits"],
-                        r["p50_us"],
-                        r["p99_us"],
-                        r["mean_us"],
-                    ]
+                    [r[k] for k in ("policy", "endpoints", "held", "submits", "p50_us", "p99_us", "mean_us")]
                     for r in backlog_rows
                 ],
                 title="\nA dispatch round with a backlog held at the router (every batch full; one more "
