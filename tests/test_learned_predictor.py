@@ -750,3 +750,42 @@ def test_the_picker_passes_the_prompt_text_to_predictors() -> None:
 
     translate = load_model("fast").featurizer.cue_base + [n for n, _ in CUES].index("translate")
     assert translate in idx
+
+
+def test_the_labs_learned_params_reach_every_learned_variant(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--learned-params`` are more parameters of every learned variant's predictor; the lab
+    sets the model itself, and a bad parameter is a one-line error naming it."""
+    from llmpool.cli import main
+    from llmpool.predict import learned
+    from llmpool.routing.predictors import LearnedParams
+
+    built: list[LearnedParams] = []
+    init = learned.LearnedPredictor.__init__
+
+    def spy(self: learned.LearnedPredictor, model: object, params: LearnedParams | None = None) -> None:
+        assert isinstance(params, LearnedParams)
+        built.append(params)
+        init(self, model, params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(learned.LearnedPredictor, "__init__", spy)
+    out = tmp_path / "lab.json"
+    params = '{"correction_prior": 7, "correction_half_life": 3}'
+    assert main(["predictor", "lab", "--jsonl", str(tiny), "--target", "chatty", "--requests", "30",
+                 "--runs", "2", "--rate", "5", "--policies", "impact,brh", "--learned-params", params,
+                 "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["learned_params"] == json.loads(params)
+    assert len(built) >= 4  # two policies, two seeds
+    assert all((p.model, p.correction_prior, p.correction_half_life) == ("fast", 7.0, 3.0) for p in built)
+    base = ["predictor", "lab", "--jsonl", str(tiny), "--target", "chatty", "--requests", "30", "--runs", "1"]
+    capsys.readouterr()
+    for bad, message in (
+        ('{"model": "x.onnx"}', "learned parameters: 'model' is set by the lab, not here"),
+        ('{"encoder_max_length": 4}', "learned parameters: "),
+        ("[1]", "--learned-params: expected a JSON object, got list"),
+        ("{nope", "--learned-params: not JSON"),
+    ):
+        assert main([*base, "--learned-params", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err

@@ -173,6 +173,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a learned model .onnx, or 'fast' (repeatable: each is one variant; default fast)",
     )
     lab.add_argument(
+        "--learned-params",
+        metavar="JSON",
+        help="more parameters of every learned variant's predictor, e.g. '{\"encoder_max_length\": 64}' "
+        "(the model is --model's)",
+    )
+    lab.add_argument(
         "--policies",
         default="impact,brh",
         help="comma-separated, each a name or name:{json params}, e.g. 'brh:{\"horizon\": 64}' "
@@ -305,6 +311,16 @@ def _plus_minus(mean: float, sd: float) -> str:
     return f"{mean:+.{digits}f}±{sd:.{digits}f}"
 
 
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PredictError(f"{flag}: not JSON ({err.msg} at character {err.pos})") from None
+    if not isinstance(value, dict):
+        raise PredictError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _lab(args: argparse.Namespace) -> int:
     from llmpool.predict.data import split_by_prompt
     from llmpool.predict.lab import METRICS, run_lab, target_rates
@@ -328,10 +344,12 @@ def _lab(args: argparse.Namespace) -> int:
     from llmpool.lab.bench import split_policies
 
     policies = split_policies(args.policies)
+    learned_params = _json_object(args.learned_params, "--learned-params") if args.learned_params else {}
     rate = None if args.load is not None else (args.rate if args.rate is not None else 30.0)
     res = run_lab(
         test, target_rates(test, targets, rate=rate, load=args.load),
-        predictor_models=paths, policies=policies, requests=args.requests, seeds=args.runs,
+        predictor_models=paths, learned_params=learned_params, policies=policies,
+        requests=args.requests, seeds=args.runs,
         instances=args.instances, profile_name=args.profile, group_size=args.group_size,
     )  # fmt: skip
     width = max(10, *(len(v) for v in res["targets"][targets[0]]["policies"][policies[0]]["means"]))

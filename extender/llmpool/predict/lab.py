@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -142,6 +142,7 @@ def run_lab(
     instances: int,
     profile_name: str,
     group_size: int = 1,
+    learned_params: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every (target, policy, predictor, seed); per target and policy, the means, the
@@ -164,12 +165,16 @@ def run_lab(
         raise PredictError("no learned model to run")
     if len(set(predictor_models)) != len(predictor_models):
         raise PredictError(f"a learned model is given twice: {', '.join(predictor_models)}")
+    extra = dict(learned_params or {})
+    for key in ("model", "on_error"):
+        if key in extra:
+            raise PredictError(f"learned parameters: {key!r} is set by the lab, not here")
     profile = load_profile(profile_name)
     reg = builtin_registry()
     variants: dict[str, dict[str, Any] | None] = {"survival": {"predictor": {"name": "survival"}}}
     for m in predictor_models:
         variants[learned_variant(m)] = {
-            "predictor": {"name": "learned", "params": {"model": m, "on_error": "raise"}}
+            "predictor": {"name": "learned", "params": {**extra, "model": m, "on_error": "raise"}}
         }
     variants["oracle"] = None
     learned = [learned_variant(m) for m in predictor_models]
@@ -177,10 +182,15 @@ def run_lab(
     for pol in policies:  # every spec checked (with each variant's predictor) before the first run
         try:
             specs[pol] = policy_config(pol)
-            for vparams in variants.values():
-                reg.validate(_variant_config(specs[pol], vparams))
+            for v in ("survival", "oracle"):
+                reg.validate(_variant_config(specs[pol], variants[v]))
         except ValueError as err:  # a bad spec (BenchError) or bad parameters (ConfigError)
             raise PredictError(f"--policies: {err}") from None
+        try:
+            for v in learned:
+                reg.validate(_variant_config(specs[pol], variants[v]))
+        except ValueError as err:
+            raise PredictError(f"learned parameters: {err}") from None
     workloads = {  # built (and checked) before the first run, one per target and seed
         (t, seed): alpaca_workload(examples, t, n=requests, rate=r, seed=seed)
         for t, r in targets
@@ -206,6 +216,7 @@ def run_lab(
         "group_size": group_size,
         "profile": profile_name,
         "predictor_models": list(predictor_models),
+        "learned_params": extra,
         "targets": {},
     }
     for target, rate in targets:
