@@ -192,6 +192,12 @@ def test_eval_command_writes_report_and_plot(
     assert rc == 0
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert {"global", "per-model-median", "prompt-length", "fast:m.onnx"} <= set(report["methods"])
+    term = report["methods"]["fast:m.onnx"]["termination"]
+    assert term["horizon"] == 32 and set(term["bands"]) == {"0-128", "128-512", "512+"}
+    # the tiny data's lengths depend on the model and the prompt: the model ranks who ends better
+    # than the global baseline, which gives every request the same distribution
+    assert report["methods"]["global"]["termination"]["auc"] < term["auc"]
+    assert "ends within 32 tokens" in capsys.readouterr().out
     assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
     # A different split would score training prompts: refused in one line.
     rc = main(
@@ -199,6 +205,55 @@ def test_eval_command_writes_report_and_plot(
     )
     assert rc == 2
     assert "trained on split" in capsys.readouterr().err
+
+
+def test_weighted_auc_counts_ties_half_and_honours_weights() -> None:
+    from llmpool.predict.evaluate import weighted_auc
+
+    y = np.array([0.0, 0.0, 1.0, 1.0])
+    ones = np.ones(4)
+    assert weighted_auc(np.array([0.1, 0.2, 0.3, 0.4]), y, ones) == 1.0
+    assert weighted_auc(np.array([0.4, 0.3, 0.2, 0.1]), y, ones) == 0.0
+    assert weighted_auc(np.full(4, 0.5), y, ones) == 0.5
+    assert weighted_auc(np.array([0.1, 0.2]), np.ones(2), np.ones(2)) is None
+    rng = np.random.default_rng(3)
+    s, lab, w = rng.integers(0, 5, 60) / 4.0, (rng.random(60) < 0.4).astype(float), rng.random(60)
+    num = den = 0.0  # every (positive, negative) pair, weighted by the product of the weights
+    for i, j in itertools.product(range(60), range(60)):
+        if lab[i] == 1.0 and lab[j] == 0.0:
+            num += w[i] * w[j] * (1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0)
+            den += w[i] * w[j]
+    assert weighted_auc(s, lab, w) == pytest.approx(num / den)
+
+
+def test_eval_scores_the_termination_the_predictor_serves() -> None:
+    """``termination_metrics`` scores the probabilities ``LearnedPredictor.termination`` gives
+    (one implementation), weighted by load, ages on the 16-token grid."""
+    from llmpool.predict.evaluate import termination_metrics
+
+    rows = [Example("tell me a story", "m", 300, 10), Example("one word", "m", 5, 20),
+            Example("list things", "m", 120, 30, max_tokens=100)]  # fmt: skip
+    mu = np.array([5.0, 2.0, 4.5])
+    sig = np.array([0.6, 0.9, 0.7])
+    model = load_model("fast")
+    pred = LearnedPredictor(model, LearnedParams(model="fast"))
+    p, f, w = [], [], []
+    for i, (e, m, s) in enumerate(zip(rows, mu, sig, strict=True)):
+        r = Request(id=i, arrival=0.0, prompt_tokens=e.prompt_tokens, model="m", max_tokens=e.max_tokens)
+        pred._store(r, ("m", e.prompt_tokens, e.max_tokens, float(m), float(s), (1.0, 0.0, 0.0)))
+        for a in range(0, e.output_tokens, 16):
+            p.append(pred.termination(r, a, 32)[0])
+            f.append(1.0 if e.output_tokens <= a + 32 else 0.0)
+            w.append(e.prompt_tokens + a)
+    pa, fa, wa = np.array(p), np.array(f), np.array(w, dtype=float)
+    base = np.average(fa, weights=wa)
+    want = 1.0 - np.average((pa - fa) ** 2, weights=wa) / (base * (1.0 - base))
+    got = termination_metrics(mu, sig, rows, horizon=32)
+    assert got["points"] == len(p) and got["brier_skill"] == pytest.approx(want)
+    assert got["base_rate"] == pytest.approx(base)
+    assert sum(b["points"] for b in got["bands"].values()) == len(p)
+    with pytest.raises(ValueError, match="horizon"):
+        termination_metrics(mu, sig, rows, horizon=0)
 
 
 def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

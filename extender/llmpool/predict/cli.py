@@ -134,6 +134,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     e.add_argument("--latency-n", type=int, default=2000, help="requests timed per model (default 2000)")
     e.add_argument(
+        "--horizon",
+        type=int,
+        default=32,
+        help="termination is scored as 'ends within this many tokens' (BR-H's horizon; default 32)",
+    )
+    e.add_argument(
         "--cut",
         metavar="N[,N...]",
         default="",
@@ -311,6 +317,10 @@ def _plus_minus(mean: float, sd: float) -> str:
     return f"{mean:+.{digits}f}±{sd:.{digits}f}"
 
 
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
 def _json_object(text: str, flag: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -389,8 +399,17 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from llmpool.predict.data import split_by_prompt
-    from llmpool.predict.evaluate import baselines, latency, metrics, reliability_plot
+    from llmpool.predict.evaluate import (
+        baseline_spreads,
+        baselines,
+        latency,
+        metrics,
+        reliability_plot,
+        termination_metrics,
+    )
     from llmpool.predict.runtime import EncoderModel, load_model
 
     paths = args.model or ["fast"]
@@ -415,15 +434,20 @@ def _eval(args: argparse.Namespace) -> int:
         raise PredictError(f"--cut: expected token counts like 64,128, got {args.cut!r}") from None
     if any(not 8 <= c <= 512 for c in cuts):
         raise PredictError(f"--cut: each token count must be in [8, 512], got {args.cut!r}")
+    if args.horizon < 1:
+        raise PredictError(f"--horizon must be at least 1, got {args.horizon}")
+    spreads = baseline_spreads(train, test)
     names: list[str] = []
     for m in loaded:
         name = f"{m.tier}:{m.path.name}"
         names.append(name)
         results[name] = m.infer_many(rows)
+        spreads[name] = np.asarray([m.sigma_of(e.model) for e in test])
         if isinstance(m, EncoderModel):
             for c in cuts:
                 if c < m.max_length:
                     results[f"{name}@{c}"] = m.infer_many(rows, max_length=c)
+                    spreads[f"{name}@{c}"] = spreads[name]
     report: dict[str, Any] = {
         "split": {"seed": args.seed, "test_fraction": args.test_fraction},
         "train_rows": len(train),
@@ -433,6 +457,8 @@ def _eval(args: argparse.Namespace) -> int:
         "methods": {k: metrics(mu, p, test, edges) for k, (mu, p) in results.items()},
         "latency": {},
     }
+    for k, (mu, _) in results.items():
+        report["methods"][k]["termination"] = termination_metrics(mu, spreads[k], test, horizon=args.horizon)
     base = report["methods"]["per-model-median"]["mae_log"]
     for v in report["methods"].values():
         v["mae_log_vs_per_model_median"] = v["mae_log"] / base - 1.0 if base else None
@@ -461,6 +487,18 @@ def _eval(args: argparse.Namespace) -> int:
         print(
             f"{k:32s} {v['accuracy']:6.3f} {v['macro_f1']:8.3f} {v['mae_log']:8.3f} "
             f"{rel * 100:+8.1f}% {v['ece']:6.3f}  {per}"
+        )
+    print(
+        f"termination: ends within {args.horizon} tokens, at every 16th token of age, weighted by load; "
+        "Brier skill / ROC AUC"
+    )
+    bands = ["all ages", *(f"age {b}" for b in report["methods"]["global"]["termination"]["bands"])]
+    print(f"{'method':32s}" + "".join(f"  {b:>14s}" for b in bands))
+    for k, v in report["methods"].items():
+        cells = [v["termination"], *v["termination"]["bands"].values()]
+        print(
+            f"{k:32s}"
+            + "".join(f"  {_num(c['brier_skill'], '+.3f')} / {_num(c['auc'], '.3f')}" for c in cells)
         )
     for name, lat in report["latency"].items():
         if "p99_ms" in lat:

@@ -9,6 +9,14 @@ reliability plot (PNG). Baselines, all fitted on the training side only:
 * ``per-model-median`` -- each target model's median length and bucket frequencies;
 * ``prompt-length`` -- least squares of ``log L`` on ``log(1 + prompt tokens)``, buckets from a
   lognormal with the residual spread.
+
+**Termination** (what BR-H asks): for every held-out request and every age ``a`` on a grid
+(0, 16, 32, ... below its length), the lognormal's probability that it ends within the next
+``horizon`` tokens, ``P(L <= a + H | L > a)`` (as ``learned``'s ``termination`` computes it,
+with the trained per-model spread, before any online correction), against whether it did.
+Scored by the Brier skill (1 - Brier / the base rate's) and the ROC AUC, both weighted by the
+request's KV load at that age (prompt + age tokens: BR-H projects load), overall and per age
+band. Baselines use their own spread: per model for ``per-model-median``.
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ import numpy as np
 import numpy.typing as npt
 
 from llmpool.predict.data import Example
+from llmpool.predict.learned import _sf
 from llmpool.predict.runtime import EncoderModel, LoadedModel
 
-__all__ = ["baselines", "latency", "metrics", "reliability_plot"]
+__all__ = ["baseline_spreads", "baselines", "latency", "metrics", "reliability_plot", "termination_metrics"]
+
+AGE_BANDS: tuple[tuple[int, int | None], ...] = ((0, 128), (128, 512), (512, None))
 
 Floats = npt.NDArray[np.float64]
 
@@ -77,6 +88,85 @@ def baselines(
     sig = float(np.sqrt(np.mean((y - a @ coef) ** 2)))
     mu = coef[0] + coef[1] * np.log1p([e.prompt_tokens for e in test])
     out["prompt-length"] = (mu, _lognormal_probs(mu, sig, edges))
+    return out
+
+
+def baseline_spreads(train: Sequence[Example], test: Sequence[Example]) -> dict[str, Floats]:
+    """The log-length spread of each baseline per ``test`` row, fitted on ``train`` (the
+    residual standard deviation: global, per target model, and of the prompt-length fit)."""
+    y = np.log(np.maximum([e.output_tokens for e in train], 1).astype(np.float64))
+    n = len(test)
+    g_sd = float(np.sqrt(np.mean((y - np.median(y)) ** 2)))
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(train):
+        by[e.model].append(i)
+    sd = {m: float(np.sqrt(np.mean((y[ix] - np.median(y[ix])) ** 2))) for m, ix in by.items()}
+    xp = np.log1p([e.prompt_tokens for e in train])
+    a = np.vstack([np.ones_like(xp), xp]).T
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    sig = float(np.sqrt(np.mean((y - a @ coef) ** 2)))
+    return {
+        "global": np.full(n, g_sd),
+        "per-model-median": np.asarray([max(sd.get(e.model, g_sd), 0.05) for e in test]),
+        "prompt-length": np.full(n, sig),
+    }
+
+
+def weighted_auc(score: Floats, label: Floats, weight: Floats) -> float | None:
+    """ROC AUC with sample weights (ties count half); None without both classes."""
+    _, idx = np.unique(score, return_inverse=True)
+    pos = np.bincount(idx, weights=weight * label)
+    neg = np.bincount(idx, weights=weight * (1.0 - label))
+    tp, tn = float(pos.sum()), float(neg.sum())
+    if tp <= 0.0 or tn <= 0.0:
+        return None
+    below = np.cumsum(neg) - neg
+    return float(np.sum(pos * (below + 0.5 * neg)) / (tp * tn))
+
+
+def _skill(p: Floats, f: Floats, w: Floats) -> dict[str, float | None]:
+    if not w.size or w.sum() <= 0.0:
+        return {"points": 0, "base_rate": None, "brier_skill": None, "auc": None}
+    base = float(np.average(f, weights=w))
+    brier = float(np.average((p - f) ** 2, weights=w))
+    ref = base * (1.0 - base)
+    return {
+        "points": int(w.size),
+        "base_rate": base,
+        "brier_skill": 1.0 - brier / ref if ref > 0.0 else None,
+        "auc": weighted_auc(p, f, w),
+    }
+
+
+def termination_metrics(
+    mu: Floats, sigma: Floats, test: Sequence[Example], *, horizon: int = 32, step: int = 16
+) -> dict[str, Any]:
+    """Brier skill and AUC of "ends within ``horizon`` tokens" at every ``step``-th age (see the
+    module docstring), overall and per :data:`AGE_BANDS` band."""
+    if horizon < 1 or step < 1:
+        raise ValueError(f"horizon and step must be at least 1, got {horizon} and {step}")
+    ps: list[float] = []
+    fs: list[float] = []
+    ws: list[float] = []
+    ages: list[int] = []
+    for m, s, e in zip(mu.tolist(), sigma.tolist(), test, strict=True):
+        length = max(1, e.output_tokens)
+        cap = max(e.max_tokens, 1) if e.max_tokens is not None else None
+        for a in range(0, length, step):
+            if cap is not None and a + horizon >= cap:
+                p = 1.0
+            else:
+                sa = _sf(a, m, s)
+                p = (sa - _sf(a + horizon, m, s)) / sa if sa > 1e-12 else 1.0
+            ps.append(p)
+            fs.append(1.0 if length <= a + horizon else 0.0)
+            ws.append(float(e.prompt_tokens + a))
+            ages.append(a)
+    p_, f_, w_, a_ = np.asarray(ps), np.asarray(fs), np.asarray(ws), np.asarray(ages)
+    out: dict[str, Any] = {"horizon": horizon, "step": step, **_skill(p_, f_, w_), "bands": {}}
+    for lo, hi in AGE_BANDS:
+        k = (a_ >= lo) & (a_ < hi) if hi is not None else a_ >= lo
+        out["bands"][f"{lo}-{hi}" if hi is not None else f"{lo}+"] = _skill(p_[k], f_[k], w_[k])
     return out
 
 
