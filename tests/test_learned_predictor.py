@@ -22,10 +22,11 @@ from llmpool.routing.policy import ConfigError
 from llmpool.routing.predictors import (
     LearnedParams,
     PerModelPredictor,
+    SurvivalParams,
     SurvivalPredictor,
     build_predictor,
 )
-from llmpool.routing.types import Request
+from llmpool.routing.types import LengthPrediction, Request
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
 NASTY = ["", "\ud800 lone surrogate \udfff", "x" * 1_000_000, "word " * 50_000, "\x00\n\t😀 ünïcode"]
@@ -844,3 +845,59 @@ def test_the_labs_learned_params_reach_every_learned_variant(
         assert main([*base, "--learned-params", bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_shuffled_control_answers_for_another_prompt_of_the_workload() -> None:
+    from llmpool.predict.lab import ShuffledPrompts
+
+    seen: list[tuple[str, object, int]] = []
+
+    class Recorder(SurvivalPredictor):
+        def predict(self, request: Request) -> LengthPrediction:
+            seen.append(("predict", request.prompt_text, request.prompt_tokens))
+            return super().predict(request)
+
+        def termination(self, request: Request, age: int, horizon: int) -> tuple[float, float]:
+            seen.append(("termination", request.prompt_text, request.prompt_tokens))
+            return super().termination(request, age, horizon)
+
+        def observe(self, request: Request, output_tokens: int) -> None:
+            seen.append(("observe", request.prompt_text, request.prompt_tokens))
+            super().observe(request, output_tokens)
+
+    prompts = [(f"prompt {i}", 10 + i) for i in range(50)]
+    ctl = ShuffledPrompts(Recorder(SurvivalParams()), prompts, seed=3)
+    reqs = [Request(id=i, arrival=0.0, prompt_tokens=999, model="m", prompt_text="mine") for i in range(20)]
+    for r in reqs:
+        ctl.predict(r)
+        ctl.termination(r, 5, 8)
+    # every call sees a prompt of the workload, never the request's own, the same one per request
+    assert all((text, tokens) in prompts for _, text, tokens in seen)
+    per_id = [seen[2 * i][1:] for i in range(20)]
+    assert all(seen[2 * i + 1][1:] == per_id[i] for i in range(20))
+    assert len(set(per_id)) > 10  # spread over the workload, not one prompt for all
+    ctl.observe(reqs[0], 40)
+    assert seen[-1] == ("observe", *per_id[0]) and reqs[0].prompt_text == "mine"
+    # another seed draws other prompts
+    other = ShuffledPrompts(Recorder(SurvivalParams()), prompts, seed=4)
+    seen.clear()
+    for r in reqs:
+        other.predict(r)
+    assert [s[1:] for s in seen] != per_id
+    with pytest.raises(PredictError, match="no prompts"):
+        ShuffledPrompts(Recorder(SurvivalParams()), [], seed=0)
+
+
+def test_the_lab_runs_the_shuffled_control_next_to_each_model(tiny: Path, tmp_path: Path) -> None:
+    from llmpool.cli import main
+
+    out = tmp_path / "lab.json"
+    args = ["predictor", "lab", "--jsonl", str(tiny), "--target", "chatty,terse", "--requests", "40",
+            "--runs", "2", "--rate", "5", "--policies", "impact", "--shuffled",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    per = res["targets"]["chatty"]["policies"]["impact"]
+    assert list(per["means"]) == ["survival", "learned:fast", "shuffled:fast", "oracle"]
+    assert set(per["gap_closed"]) == {"learned:fast", "shuffled:fast"}
+    assert set(res["pooled"]["impact"]) == {"learned:fast", "shuffled:fast"}

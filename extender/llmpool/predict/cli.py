@@ -185,6 +185,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(the model is --model's)",
     )
     lab.add_argument(
+        "--shuffled",
+        action="store_true",
+        help="also run each learned model as a control, shuffled:<model>, that answers every request "
+        "for another prompt of the workload: the same predictions, no information about the request",
+    )
+    lab.add_argument(
         "--policies",
         default="impact,brh",
         help="comma-separated, each a name or name:{json params}, e.g. 'brh:{\"horizon\": 64}' "
@@ -358,7 +364,7 @@ def _lab(args: argparse.Namespace) -> int:
     rate = None if args.load is not None else (args.rate if args.rate is not None else 30.0)
     res = run_lab(
         test, target_rates(test, targets, rate=rate, load=args.load),
-        predictor_models=paths, learned_params=learned_params, policies=policies,
+        predictor_models=paths, learned_params=learned_params, shuffled=args.shuffled, policies=policies,
         requests=args.requests, seeds=args.runs,
         instances=args.instances, profile_name=args.profile, group_size=args.group_size,
     )  # fmt: skip

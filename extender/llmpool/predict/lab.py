@@ -7,10 +7,17 @@ model's answer lengths, from the prompts held out of training only (the same spl
 workloads and seeds, and reports how much of the gap between Survival and the oracle each
 learned model closes: ``(survival - learned) / (survival - oracle)`` of each latency metric,
 per target and pooled over the targets.
+
+With ``shuffled``, each learned model also runs as a control, ``shuffled:<model>``: the same
+model answering every request as if it carried another prompt of the same workload (a fixed
+random one per request). Its predictions have the same distribution and say nothing about the
+request, so a policy that gains as much with them as with the real ones is not gaining from
+what the model knows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -22,8 +29,11 @@ import numpy.typing as npt
 
 from llmpool.predict import PredictError
 from llmpool.predict.data import Example
+from llmpool.routing.predictors import LengthPredictor
+from llmpool.routing.types import LengthPrediction, Request
 
 __all__ = [
+    "ShuffledPrompts",
     "alpaca_workload",
     "gap_closed",
     "learned_variant",
@@ -31,6 +41,7 @@ __all__ = [
     "pooled_gap",
     "pooled_gap_interval",
     "run_lab",
+    "shuffled_variant",
     "target_rates",
 ]
 
@@ -106,6 +117,56 @@ def learned_variant(model: str) -> str:
     return f"learned:{model}"
 
 
+def shuffled_variant(model: str) -> str:
+    """The variant name of a learned model's shuffled-prompt control: ``shuffled:<model>``."""
+    return f"shuffled:{model}"
+
+
+class ShuffledPrompts(LengthPredictor):
+    """The lab's control: ``inner`` answers each request as if it carried another of
+    ``prompts`` (``(text, prompt tokens)``, one fixed random choice per request id and seed).
+
+    Everything else about the request (id, model, ``max_tokens``, its age) is its own, so the
+    inner predictor's caches and online correction work as usual."""
+
+    name = "shuffled"
+
+    def __init__(self, inner: LengthPredictor, prompts: Sequence[tuple[str | None, int]], seed: int) -> None:
+        if not prompts:
+            raise PredictError("shuffled control: no prompts to draw from")
+        self.inner = inner
+        self.bucket_edges = inner.bucket_edges
+        self._prompts = prompts
+        self._seed = seed
+        self._as: dict[int, Request] = {}
+
+    def _other(self, request: Request) -> Request:
+        r = self._as.get(request.id)
+        if r is None:
+            pick = random.Random(self._seed * 1_000_003 + request.id).randrange(len(self._prompts))
+            text, tokens = self._prompts[pick]
+            r = self._as[request.id] = dataclasses.replace(
+                request, prompt_text=text, prompt_tokens=tokens, prediction=None
+            )
+        return r
+
+    def predict(self, request: Request) -> LengthPrediction:
+        return self.inner.predict(self._other(request))
+
+    def fallback_reason(self) -> str | None:
+        return self.inner.fallback_reason()
+
+    def termination(self, request: Request, age: int, horizon: int) -> tuple[float, float]:
+        return self.inner.termination(self._other(request), age, horizon)
+
+    def expected_remaining(self, request: Request, age: int) -> float:
+        return self.inner.expected_remaining(self._other(request), age)
+
+    def observe(self, request: Request, output_tokens: int) -> None:
+        self.inner.observe(self._other(request), output_tokens)
+        self._as.pop(request.id, None)
+
+
 def target_rates(
     examples: Sequence[Example], targets: Sequence[str], *, rate: float | None, load: float | None
 ) -> list[tuple[str, float]]:
@@ -143,6 +204,7 @@ def run_lab(
     profile_name: str,
     group_size: int = 1,
     learned_params: Mapping[str, Any] | None = None,
+    shuffled: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every (target, policy, predictor, seed); per target and policy, the means, the
@@ -152,7 +214,9 @@ def run_lab(
     ``targets`` are ``(target model, arrivals per second)``. Each of ``policies`` is a name or
     ``name:{json params}`` (as ``llmpool bench`` takes them); the variants differ only in the
     predictor, set over those parameters: ``survival``, one ``learned:<model>`` per entry of
-    ``predictor_models``, and ``oracle`` (the policy's ``-oracle`` twin, same parameters)."""
+    ``predictor_models`` (``learned_params``, e.g. ``encoder_max_length``, are more parameters
+    of its predictor), with ``shuffled`` one ``shuffled:<model>`` control per model (see
+    :class:`ShuffledPrompts`), and ``oracle`` (the policy's ``-oracle`` twin, same parameters)."""
     from tqdm import tqdm
 
     from llmpool.lab.bench import policy_config
@@ -178,6 +242,12 @@ def run_lab(
         }
     variants["oracle"] = None
     learned = [learned_variant(m) for m in predictor_models]
+    if shuffled:
+        del variants["oracle"]  # re-added last, after the controls
+        for m in predictor_models:
+            variants[shuffled_variant(m)] = variants[learned_variant(m)]
+        variants["oracle"] = None
+        learned += [shuffled_variant(m) for m in predictor_models]
     specs: dict[str, dict[str, Any]] = {}
     for pol in policies:  # every spec checked (with each variant's predictor) before the first run
         try:
@@ -204,6 +274,12 @@ def run_lab(
         truth = {it.request.id: it.output_tokens for it in wl.items}.get
         ctx = PolicyContext(rng=random.Random(seed), truth=truth, profile=profile)
         policy = reg.build(_variant_config(specs[pol], variants[var]), ctx)
+        if var.startswith("shuffled:"):
+            inner = getattr(policy, "predictor", None)
+            if not isinstance(inner, LengthPredictor):
+                raise PredictError(f"policy {pol!r} has no length predictor to run the shuffled control on")
+            prompts = [(it.request.prompt_text, it.request.prompt_tokens) for it in wl.items]
+            policy.predictor = ShuffledPrompts(inner, prompts, seed)  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         res = Simulator(profile, policy, SimConfig(instances=instances, group_size=group_size)).run(wl.items)
         row = {**res.summary.to_dict(), "sim_wall_s": time.perf_counter() - t0}
