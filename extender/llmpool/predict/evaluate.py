@@ -12,7 +12,7 @@ reliability plot (PNG). Baselines, all fitted on the training side only:
 
 **Termination** (what BR-H asks): for every held-out request and every age ``a`` on a grid
 (0, 16, 32, ... below its length), the lognormal's probability that it ends within the next
-``horizon`` tokens, ``P(L <= a + H | L > a)`` (as ``learned``'s ``termination`` computes it,
+``horizon`` tokens, ``P(L <= a + H | L > a)`` (``learned``'s own ``termination`` arithmetic,
 with the trained per-model spread, before any online correction), against whether it did.
 Scored by the Brier skill (1 - Brier / the base rate's) and the ROC AUC, both weighted by the
 request's KV load at that age (prompt + age tokens: BR-H projects load), overall and per age
@@ -25,6 +25,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from llmpool.predict.data import Example
-from llmpool.predict.learned import _sf
+from llmpool.predict.learned import lognormal_termination
 from llmpool.predict.runtime import EncoderModel, LoadedModel
 
 __all__ = ["baseline_spreads", "baselines", "latency", "metrics", "reliability_plot", "termination_metrics"]
@@ -59,56 +60,67 @@ def _lognormal_probs(mu: Floats, sigma: float, edges: Sequence[int]) -> Floats:
     return np.clip(np.diff(c, axis=1), 0.0, 1.0)
 
 
+@dataclass(frozen=True, slots=True)
+class _Fits:
+    """The baselines' fits on the training side: log lengths, rows per target model, the
+    prompt-length regression and its residual spread."""
+
+    y: Floats
+    by_model: dict[str, list[int]]
+    coef: Floats
+    sigma: float
+
+    @classmethod
+    def of(cls, train: Sequence[Example]) -> _Fits:
+        y = np.log(np.maximum([e.output_tokens for e in train], 1).astype(np.float64))
+        by: dict[str, list[int]] = defaultdict(list)
+        for i, e in enumerate(train):
+            by[e.model].append(i)
+        a = _design([e.prompt_tokens for e in train])
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        return cls(y, dict(by), coef, float(np.sqrt(np.mean((y - a @ coef) ** 2))))
+
+
+def _design(prompt_tokens: Sequence[int]) -> Floats:
+    xp = np.log1p(np.asarray(prompt_tokens, dtype=np.float64))
+    return np.vstack([np.ones_like(xp), xp]).T
+
+
 def baselines(
     train: Sequence[Example], test: Sequence[Example], edges: Sequence[int]
 ) -> dict[str, tuple[Floats, Floats]]:
     """``{name: (mu, probs)}`` on ``test`` for the three baselines, fitted on ``train``."""
     k = len(edges) + 1
-    y = np.log(np.maximum([e.output_tokens for e in train], 1).astype(np.float64))
+    f = _Fits.of(train)
+    y = f.y
     lab = _labels([e.output_tokens for e in train], edges)
     n = len(test)
     g_mu = float(np.median(y))
     g_p = np.bincount(lab, minlength=k).astype(np.float64) + 1.0
     g_p /= g_p.sum()
     out: dict[str, tuple[Floats, Floats]] = {"global": (np.full(n, g_mu), np.tile(g_p, (n, 1)))}
-
-    by: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(train):
-        by[e.model].append(i)
-    med = {m: float(np.median(y[ix])) for m, ix in by.items()}
-    freq = {m: (np.bincount(lab[ix], minlength=k) + 1.0) / (len(ix) + k) for m, ix in by.items()}
+    med = {m: float(np.median(y[ix])) for m, ix in f.by_model.items()}
+    freq = {m: (np.bincount(lab[ix], minlength=k) + 1.0) / (len(ix) + k) for m, ix in f.by_model.items()}
     out["per-model-median"] = (
         np.asarray([med.get(e.model, g_mu) for e in test]),
         np.stack([freq.get(e.model, g_p) for e in test]) if n else np.empty((0, k)),
     )
-
-    xp = np.log1p([e.prompt_tokens for e in train])
-    a = np.vstack([np.ones_like(xp), xp]).T
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    sig = float(np.sqrt(np.mean((y - a @ coef) ** 2)))
-    mu = coef[0] + coef[1] * np.log1p([e.prompt_tokens for e in test])
-    out["prompt-length"] = (mu, _lognormal_probs(mu, sig, edges))
+    mu = _design([e.prompt_tokens for e in test]) @ f.coef
+    out["prompt-length"] = (mu, _lognormal_probs(mu, f.sigma, edges))
     return out
 
 
 def baseline_spreads(train: Sequence[Example], test: Sequence[Example]) -> dict[str, Floats]:
     """The log-length spread of each baseline per ``test`` row, fitted on ``train`` (the
     residual standard deviation: global, per target model, and of the prompt-length fit)."""
-    y = np.log(np.maximum([e.output_tokens for e in train], 1).astype(np.float64))
-    n = len(test)
+    f = _Fits.of(train)
+    y = f.y
     g_sd = float(np.sqrt(np.mean((y - np.median(y)) ** 2)))
-    by: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(train):
-        by[e.model].append(i)
-    sd = {m: float(np.sqrt(np.mean((y[ix] - np.median(y[ix])) ** 2))) for m, ix in by.items()}
-    xp = np.log1p([e.prompt_tokens for e in train])
-    a = np.vstack([np.ones_like(xp), xp]).T
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    sig = float(np.sqrt(np.mean((y - a @ coef) ** 2)))
+    sd = {m: float(np.sqrt(np.mean((y[ix] - np.median(y[ix])) ** 2))) for m, ix in f.by_model.items()}
     return {
-        "global": np.full(n, g_sd),
+        "global": np.full(len(test), g_sd),
         "per-model-median": np.asarray([max(sd.get(e.model, g_sd), 0.05) for e in test]),
-        "prompt-length": np.full(n, sig),
+        "prompt-length": np.full(len(test), f.sigma),
     }
 
 
@@ -153,12 +165,9 @@ def termination_metrics(
         length = max(1, e.output_tokens)
         cap = max(e.max_tokens, 1) if e.max_tokens is not None else None
         for a in range(0, length, step):
-            if cap is not None and a + horizon >= cap:
-                p = 1.0
-            else:
-                sa = _sf(a, m, s)
-                p = (sa - _sf(a + horizon, m, s)) / sa if sa > 1e-12 else 1.0
-            ps.append(p)
+            ps.append(
+                1.0 if cap is not None and a >= cap else lognormal_termination(m, s, a, horizon, cap)[0]
+            )
             fs.append(1.0 if length <= a + horizon else 0.0)
             ws.append(float(e.prompt_tokens + a))
             ages.append(a)

@@ -44,6 +44,8 @@ import logging
 import math
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 from typing import Final, TypeAlias, cast
 
 from llmpool.predict import PredictError
@@ -59,7 +61,7 @@ from llmpool.routing.predictors import (
 )
 from llmpool.routing.types import LengthPrediction, Request
 
-__all__ = ["LearnedFallback", "LearnedPredictor", "build_learned"]
+__all__ = ["LearnedFallback", "LearnedPredictor", "build_learned", "lognormal_termination"]
 
 log = logging.getLogger("llmpool.predict")
 
@@ -112,6 +114,30 @@ def _lognormal_buckets(edges: tuple[int, ...], mu: float, s: float) -> list[floa
     return out
 
 
+def lognormal_termination(
+    mu: float, s: float, age: int, horizon: int, cap: int | None
+) -> tuple[float, float]:
+    """``(P(L <= age + horizon | L > age), E[L - age | that])`` for the discretised lognormal
+    (``age >= 0``, ``horizon >= 1``, ``age`` below ``cap`` when there is one): what
+    :meth:`LearnedPredictor.termination` answers, and what ``predictor eval`` scores."""
+    if cap is not None:
+        cap = max(cap, 1)
+    sa = _sf(age, mu, s)
+    if sa < _TINY:
+        return _geom_termination(math.exp(mu + 0.5 * s * s), age, horizon, cap)
+    h = float(horizon)
+    if cap is not None and age + horizon >= cap:
+        rem = _capped_mean_above(age, cap, mu, s, sa) - age
+        return 1.0, (1.0 if rem < 1.0 else (h if rem > h else rem))
+    sh = _sf(age + horizon, mu, s)
+    fin = sa - sh
+    if fin <= 0.0:
+        return 0.0, h
+    p_fin = fin / sa
+    rem = _pe(age + 0.5, age + horizon + 0.5, mu, s) / fin - age
+    return (p_fin if p_fin < 1.0 else 1.0), (1.0 if rem < 1.0 else (h if rem > h else rem))
+
+
 class LearnedPredictor(LengthPredictor):
     """A model file's predictions as a :class:`LengthPredictor` (see the module docstring)."""
 
@@ -135,11 +161,14 @@ class LearnedPredictor(LengthPredictor):
         # A model that costs milliseconds per request (the encoder) is run off the picker's loop;
         # requests whose answer did not come in time are answered by this empirical predictor.
         self.blocking = model.tier != "fast"
-        # the encoder's prompt cut, when the params ask for less than the model's own
-        self._max_length: int | None = None
+        # the model call, with the encoder's prompt cut when the params ask for less than its own
         cut = p.encoder_max_length
         if isinstance(model, EncoderModel) and cut is not None and cut < model.max_length:
-            self._max_length = cut
+            self._model_infer: Callable[..., tuple[float, tuple[float, ...]]] = partial(
+                model.infer, max_length=cut
+            )
+        else:
+            self._model_infer = model.infer
         self._empirical: SurvivalPredictor | None = None
         self._no_model: OrderedDict[int, None] = OrderedDict()  # ids answered by _empirical
         if self.blocking:
@@ -150,15 +179,9 @@ class LearnedPredictor(LengthPredictor):
     # ------------------------------------------------------------------ the model's answer
     def _infer(self, request: Request) -> _Raw:
         """The model's answer for a request: reads only the request and the immutable model."""
-        if self._max_length is not None:
-            mu, probs = cast(EncoderModel, self.model).infer(
-                request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task,
-                max_length=self._max_length,
-            )  # fmt: skip
-        else:
-            mu, probs = self.model.infer(
-                request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task
-            )
+        mu, probs = self._model_infer(
+            request.prompt_text, request.prompt_tokens, request.max_tokens, request.model, request.task
+        )
         s = self.model.sigma_of(request.model)
         return (request.model, request.prompt_tokens, request.max_tokens, mu, s, probs)
 
@@ -284,25 +307,10 @@ class LearnedPredictor(LengthPredictor):
             return emp.termination(request, age, horizon)
         a = age if age > 0 else 0
         cap = request.max_tokens
-        if cap is not None:
-            cap = max(cap, 1)
-            if a >= cap:
-                return 1.0, 1.0
+        if cap is not None and a >= max(cap, 1):
+            return 1.0, 1.0
         mu, s = self.distribution(request)
-        sa = _sf(a, mu, s)
-        if sa < _TINY:
-            return _geom_termination(math.exp(mu + 0.5 * s * s), a, horizon, cap)
-        h = float(horizon)
-        if cap is not None and a + horizon >= cap:
-            rem = _capped_mean_above(a, cap, mu, s, sa) - a
-            return 1.0, (1.0 if rem < 1.0 else (h if rem > h else rem))
-        sh = _sf(a + horizon, mu, s)
-        fin = sa - sh
-        if fin <= 0.0:
-            return 0.0, h
-        p_fin = fin / sa
-        rem = _pe(a + 0.5, a + horizon + 0.5, mu, s) / fin - a
-        return (p_fin if p_fin < 1.0 else 1.0), (1.0 if rem < 1.0 else (h if rem > h else rem))
+        return lognormal_termination(mu, s, a, horizon, cap)
 
     def expected_remaining(self, request: Request, age: int) -> float:
         emp = self._empirical_for(request)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
@@ -139,10 +140,17 @@ class LoadedModel:
         self, rows: Sequence[tuple[str | None, int, int | None, str, str]], batch: int = 256
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """``(mu, probs)`` for many requests (evaluation); the default runs them one by one."""
+        return self._one_by_one(rows, self.infer)
+
+    def _one_by_one(
+        self,
+        rows: Sequence[tuple[str | None, int, int | None, str, str]],
+        infer: Callable[..., tuple[float, tuple[float, ...]]],
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         mus = np.empty(len(rows))
         probs = np.empty((len(rows), len(self.edges) + 1))
         for i, r in enumerate(rows):
-            mu, p = self.infer(*r)
+            mu, p = infer(*r)
             mus[i] = mu
             probs[i] = p
         return mus, probs
@@ -250,13 +258,7 @@ class EncoderModel(LoadedModel):
         """Many requests: each distinct prompt is encoded once (cut to ``max_length`` tokens,
         default the model's), then the head runs in batches."""
         if self._head is None:  # no separate head: the whole graph per request
-            mus = np.empty(len(rows))
-            probs_ = np.empty((len(rows), len(self.edges) + 1))
-            for i, r in enumerate(rows):
-                mu_i, p_i = self.infer(*r, max_length=max_length)
-                mus[i] = mu_i
-                probs_[i] = p_i
-            return mus, probs_
+            return self._one_by_one(rows, partial(self.infer, max_length=max_length))
         k = len(self.edges) + 1
         emb: dict[str, npt.NDArray[np.float32]] = {}
         for r in rows:
