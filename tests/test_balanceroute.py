@@ -40,6 +40,7 @@ from llmpool.routing.balanceroute import (
     horizon_penalty,
     project_loads,
     register_balanceroute,
+    step_cost_model,
 )
 from llmpool.routing.predictors import LengthPredictor
 from llmpool.routing.profile import PS_PER_S, load_profile
@@ -231,6 +232,7 @@ def test_brh_oracle_needs_truth() -> None:
         ("br0", {"max_hold_s": float("nan")}, r"max_hold_s: Input should be a finite number"),
         ("br0", {"windw": 4}, r"windw: Extra inputs are not permitted \(parameters: window, r_max"),
         ("br0", {"load_source": "gpu"}, r"load_source: Input should be 'auto', 'active' or 'scraped'"),
+        ("br0", {"load_model": "flops"}, r"load_model: Input should be 'kv' or 'step'"),
         ("br0", {"window": 64, "r_max": 8}, r"window=64 with r_max=8 gives \d+ subsets per worker"),
         ("brh", {"horizon": -1}, r"policy 'brh': horizon: Input should be greater than or equal to 0"),
         ("brh", {"gamma": 2}, r"gamma: Input should be less than or equal to 1"),
@@ -373,7 +375,8 @@ def test_force_admission_when_no_subset_scores_positive() -> None:
     assert got[2] is not None and got[3] is not None and got[2] != got[3]
 
 
-def test_brh_with_zero_horizon_equals_br0_on_random_states() -> None:
+@pytest.mark.parametrize("load_model", ["kv", "step"])
+def test_brh_with_zero_horizon_equals_br0_on_random_states(load_model: str) -> None:
     rng = random.Random(7)
     decisions = 0
     held = 0
@@ -387,6 +390,7 @@ def test_brh_with_zero_horizon_equals_br0_on_random_states() -> None:
             "r_max": rng.choice([1, 2, 4]),
             "abundant_slots": rng.choice([0, 4, 16, 10**6]),
             "max_hold_s": rng.choice([0.05, 2.0]),
+            "load_model": load_model,
         }
         beta: dict[str, Any] = {"beta": float(n)} if grouped and rng.random() < 0.5 else {}
         capacity = rng.choice([5000, 20000])
@@ -400,8 +404,13 @@ def test_brh_with_zero_horizon_equals_br0_on_random_states() -> None:
             for p in pools:
                 p.endpoints[i].stale = stale
         seed = rng.randrange(1000)
-        br0 = build("br0", params, seed=seed)
-        brh = build("brh", {**params, "horizon": 0, "alpha": 1.0, **beta, "predictor": "survival"}, seed=seed)
+        br0 = build("br0", params, seed=seed, profile=PROFILE)
+        brh = build(
+            "brh",
+            {**params, "horizon": 0, "alpha": 1.0, **beta, "predictor": "survival"},
+            seed=seed,
+            profile=PROFILE,
+        )
         queues: list[list[Request]] = [[], []]
         rid = 0
         for step in range(12):
@@ -596,3 +605,130 @@ def test_barrier_group_run_completes(name: str) -> None:
 def test_params_model_is_strict() -> None:
     with pytest.raises(ValueError):
         BR0Params(window=0)
+
+
+# --------------------------------------------------------------------------------------------
+# load_model 'step': a request's token per step and a pending prefill weigh as the profile says
+# --------------------------------------------------------------------------------------------
+
+KAPPA = 21.0e3 / (45.0 * 1.1)  # h100-llama3-8b: c2 21 us per token over 45 ns x 1.1 per context token
+KNEE = (6.08 - 3.16) * 1e3 / 21.0  # tokens below which the linear layers cost their floor c0
+
+
+def test_step_cost_model_comes_from_the_profile() -> None:
+    kappa, knee = step_cost_model(PolicyContext(rng=random.Random(0), profile=PROFILE))
+    assert kappa == pytest.approx(KAPPA) and knee == pytest.approx(KNEE)
+    with pytest.raises(ConfigError, match="load_model 'step' needs a step-cost profile") as err:
+        build("br0", {"load_model": "step"})
+    assert "\n" not in str(err.value)
+
+
+def _params(name: str, model: str) -> dict[str, Any]:
+    return {"predictor": "survival", "load_model": model} if name == "brh" else {"load_model": model}
+
+
+def _pick(name: str, model: str, pool: Pool, s: int = 50, now: float = 0.0) -> int:
+    d = build(name, _params(name, model), profile=PROFILE).decide(
+        req(9, s), PoolView(now=now, endpoints=pool.endpoints)
+    )
+    assert isinstance(d, Route)
+    return d.endpoints[0]
+
+
+@pytest.mark.parametrize("name", ["br0", "brh"])
+def test_step_load_counts_requests_above_the_knee(name: str) -> None:
+    # Worker 0 holds 180 short requests (1,800 KV tokens), worker 1 140 longer ones (2,800): by
+    # KV worker 0 is lighter; by step time worker 0's 180 tokens per step are 41 past the knee
+    # (about 17,400 KV tokens' worth), worker 1's one, so worker 1 is.
+    pool = Pool(2, groups=["a", "a"])
+    for _ in range(180):
+        pool.add(0, 5, 5)
+    for _ in range(140):
+        pool.add(1, 10, 10)
+    assert (_pick(name, "kv", pool), _pick(name, "step", pool)) == (0, 1)
+    # Below the knee a step costs the same however many requests it has: KV decides again.
+    small = Pool(2, groups=["a", "a"])
+    for _ in range(60):
+        small.add(0, 5, 5)
+    for _ in range(20):
+        small.add(1, 40, 40)
+    assert (_pick(name, "kv", small), _pick(name, "step", small)) == (0, 0)
+
+
+@pytest.mark.parametrize("name", ["br0", "brh"])
+def test_step_load_counts_a_pending_prefill(name: str) -> None:
+    # Worker 0's request has not produced a token yet: its 500 prompt tokens go through the
+    # next step, 362 tokens past the knee. Worker 1's 600 + 100 are decoding.
+    pool = Pool(2, groups=["a", "a"])
+    pool.add(0, 500, 0)
+    pool.add(1, 600, 100)
+    assert (_pick(name, "kv", pool), _pick(name, "step", pool)) == (0, 1)
+    pool.active[0][0].generated_tokens = 1  # once it decodes, worker 0 is the lighter one again
+    assert _pick(name, "step", pool, now=1.0) == 0
+
+
+def test_step_loads_spread_a_burst_of_prefills() -> None:
+    # A burst of new requests in one round: by KV they pile onto the lightest worker (each adds
+    # only its prompt); by step time each one's prefill makes that worker the envelope of the
+    # next step, so the burst spreads.
+    def burst(model: str) -> list[int | None]:
+        pool = Pool(4, groups=["a"] * 4)
+        for i, kv in enumerate((3000, 5000, 5000, 5000)):
+            pool.add(i, kv - 100, 100)
+        queue = [req(k, 400) for k in range(4)]
+        pol = build("brh", _params("brh", model), profile=PROFILE)
+        return list(dispatch(pol, pool, queue, 0.0).values())
+
+    assert burst("kv") == [0, 0, 0, 0]
+    assert sorted(g for g in burst("step") if g is not None) == [0, 1, 2, 3]
+
+
+def test_step_scores_equal_the_horizon_f_score_of_projected_step_times() -> None:
+    # F = sum_h gamma^h (alpha S_h - beta max(D_h - m_h, 0)) with D_h = s + kappa (max(0, n_h + 1
+    # + [h = 0] s - knee) - max(0, n_h - knee)) what the request costs the worker at step h (n_h
+    # the tokens it is projected to schedule then) and S_h = s + kappa (1 + [h = 0] s) its nominal
+    # size, the same on every worker: the single-request path, the vectorised subset path and the
+    # definition agree, around the knee.
+    rng = random.Random(3)
+    for _ in range(20):
+        pool = Pool(4, groups=["a"] * 4, capacity=10**7)
+        for i in range(4):
+            for _ in range(rng.randint(100, 180)):
+                pool.add(i, rng.randint(10, 300), rng.choice([0, 5, 60, 400]) if rng.random() < 0.9 else 0)
+        gamma = rng.choice([0.8, 0.95])
+        alpha = rng.choice([0.5, 1.0])
+        pol = build(
+            "brh", {**_params("brh", "step"), "alpha": alpha, "gamma": gamma, "horizon": 8}, profile=PROFILE
+        )
+        assert isinstance(pol, BalanceRouteH)
+        pol.decide(req(99, 10), PoolView(now=0.0, endpoints=pool.endpoints))
+        rnd = pol._round
+        assert rnd is not None and rnd.proj is not None and rnd.pn is not None
+        weights = gamma ** np.arange(9)
+        for g in range(4):
+            margins = rnd.proj.max(axis=0) - rnd.proj[g]
+            for s in (rng.randint(1, 30), rng.randint(100, 600)):
+                add = np.ones(9)
+                add[0] += s
+                n = rnd.pn[g]
+                dh = s + KAPPA * (np.maximum(n + add - KNEE, 0.0) - np.maximum(n - KNEE, 0.0))
+                nominal = s + KAPPA * add
+                want = float(weights @ (alpha * nominal - 4.0 * np.maximum(dh - margins, 0.0)))
+                single = pol._scores(rnd, [0, 1, 2, 3], [g], float(s))[0]
+                subset = pol._score_deltas(rnd, g, np.array([float(s)]), np.ones(1))[0]
+                assert single == pytest.approx(want, rel=1e-9, abs=1e-6)
+                assert subset == pytest.approx(want, rel=1e-9, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["br0", "brh"])
+def test_step_fill_does_not_reward_the_worker_where_a_request_costs_most(name: str) -> None:
+    # Worker 2 prefills a huge prompt: it is the envelope and the request fits under it on both
+    # other workers. On worker 1 (a 300-token prompt pending, past the knee) it would cost its
+    # prefill's linear time; on worker 0 (one request decoding, below the knee) nothing but its
+    # KV. Scoring the fill by that cost would pick worker 1; the fill is the request's nominal
+    # size on both, so the tie goes to the lower step load, worker 0. By KV worker 1 is lighter.
+    pool = Pool(3, groups=["a"] * 3, capacity=10**6)
+    pool.add(0, 1000, 10)
+    pool.add(1, 300, 0)
+    pool.add(2, 20_000, 0)
+    assert (_pick(name, "kv", pool), _pick(name, "step", pool)) == (1, 0)

@@ -901,3 +901,33 @@ def test_the_lab_runs_the_shuffled_control_next_to_each_model(tiny: Path, tmp_pa
     assert list(per["means"]) == ["survival", "learned:fast", "shuffled:fast", "oracle"]
     assert set(per["gap_closed"]) == {"learned:fast", "shuffled:fast"}
     assert set(res["pooled"]["impact"]) == {"learned:fast", "shuffled:fast"}
+
+
+def test_the_labs_baselines_run_on_the_same_workloads_and_seeds(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmpool.cli import main
+
+    out = tmp_path / "lab.json"
+    # brh with survival as a baseline is the policy's own survival variant: same runs, same numbers
+    args = ["predictor", "lab", "--jsonl", str(tiny), "--target", "chatty", "--requests", "40",
+            "--runs", "2", "--rate", "5", "--policies", "brh", "--instances", "2",
+            "--baselines", 'round-robin,brh:{"predictor": "survival"}', "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "baseline round-robin:" in printed and "minus brh survival" in printed
+    per = json.loads(out.read_text())["targets"]["chatty"]
+    same = per["baselines"]['brh:{"predictor": "survival"}']
+    assert same["per_seed"] == per["policies"]["brh"]["per_seed"]["survival"]
+    assert all(d == [0.0, 0.0] for d in same["vs_survival"]["brh"].values())
+    rr = per["baselines"]["round-robin"]
+    survival = per["policies"]["brh"]["per_seed"]["survival"]
+    e2e = np.subtract(rr["per_seed"]["e2e_mean_s"], survival["e2e_mean_s"])
+    assert rr["vs_survival"]["brh"]["e2e_mean_s"] == pytest.approx([e2e.mean(), e2e.std(ddof=1)])
+    for bad, message in (
+        ("least-loaded", "--baselines: unknown policy 'least-loaded'"),
+        ("jsq,jsq", "--baselines: a policy is given twice"),
+    ):
+        assert main([*args[:-4], "--baselines", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1

@@ -196,6 +196,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="comma-separated, each a name or name:{json params}, e.g. 'brh:{\"horizon\": 64}' "
         "(default impact,brh)",
     )
+    lab.add_argument(
+        "--baselines",
+        metavar="POLICIES",
+        default="",
+        help="more policies run as they are on the same workloads and seeds, e.g. 'round-robin,jsq,br0' "
+        "(each a name or name:{json params}); printed with their difference from each policy's survival",
+    )
     offered = lab.add_mutually_exclusive_group()
     offered.add_argument("--rate", type=float, help="arrivals per second, every target (default 30)")
     offered.add_argument(
@@ -360,12 +367,13 @@ def _lab(args: argparse.Namespace) -> int:
     from llmpool.lab.bench import split_policies
 
     policies = split_policies(args.policies)
+    baselines = split_policies(args.baselines) if args.baselines.strip() else []
     learned_params = _json_object(args.learned_params, "--learned-params") if args.learned_params else {}
     rate = None if args.load is not None else (args.rate if args.rate is not None else 30.0)
     res = run_lab(
         test, target_rates(test, targets, rate=rate, load=args.load),
         predictor_models=paths, learned_params=learned_params, shuffled=args.shuffled, policies=policies,
-        requests=args.requests, seeds=args.runs,
+        baselines=baselines, requests=args.requests, seeds=args.runs,
         instances=args.instances, profile_name=args.profile, group_size=args.group_size,
     )  # fmt: skip
     width = max(10, *(len(v) for v in res["targets"][targets[0]]["policies"][policies[0]]["means"]))
@@ -387,6 +395,12 @@ def _lab(args: argparse.Namespace) -> int:
             for var, diffs in r["vs_survival"].items():
                 cells = [_plus_minus(*diffs[k]) for k in METRICS]
                 print(f"  {var:{width}s}" + "".join(f"{c:>17s}" for c in cells))
+        for b, r in per.get("baselines", {}).items():
+            print(f"baseline {b}:")
+            print(f"  {'mean':{width}s}" + "".join(f"{r['means'][k]:17.3f}" for k in METRICS))
+            for pol, diffs in r["vs_survival"].items():
+                cells = [_plus_minus(*diffs[k]) for k in METRICS]
+                print(f"  {'minus ' + pol + ' survival':{width}s}" + "".join(f"{c:>17s}" for c in cells))
     if len(targets) > 1:
         print(f"pooled over {len(targets)} targets (the sum of each saving over the sum of the oracle's):")
         for pol, per_var in res["pooled"].items():

@@ -205,6 +205,7 @@ def run_lab(
     group_size: int = 1,
     learned_params: Mapping[str, Any] | None = None,
     shuffled: bool = False,
+    baselines: Sequence[str] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every (target, policy, predictor, seed); per target and policy, the means, the
@@ -216,7 +217,11 @@ def run_lab(
     predictor, set over those parameters: ``survival``, one ``learned:<model>`` per entry of
     ``predictor_models`` (``learned_params``, e.g. ``encoder_max_length``, are more parameters
     of its predictor), with ``shuffled`` one ``shuffled:<model>`` control per model (see
-    :class:`ShuffledPrompts`), and ``oracle`` (the policy's ``-oracle`` twin, same parameters)."""
+    :class:`ShuffledPrompts`), and ``oracle`` (the policy's ``-oracle`` twin, same parameters).
+
+    ``baselines`` are more policies (name or ``name:{json params}``) run once per target and
+    seed as they are, with no predictor variants, on the same workloads: per target their means
+    and their paired difference against each policy's ``survival`` variant."""
     from tqdm import tqdm
 
     from llmpool.lab.bench import policy_config
@@ -261,18 +266,37 @@ def run_lab(
                 reg.validate(_variant_config(specs[pol], variants[v]))
         except ValueError as err:
             raise PredictError(f"learned parameters: {err}") from None
+    base_specs: dict[str, dict[str, Any]] = {}
+    for b in baselines:
+        try:
+            base_specs[b] = policy_config(b)
+            reg.validate(base_specs[b])
+        except ValueError as err:
+            raise PredictError(f"--baselines: {err}") from None
+    if len(base_specs) != len(baselines):
+        raise PredictError(f"--baselines: a policy is given twice: {', '.join(baselines)}")
     workloads = {  # built (and checked) before the first run, one per target and seed
         (t, seed): alpaca_workload(examples, t, n=requests, rate=r, seed=seed)
         for t, r in targets
         for seed in range(seeds)
     }
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    todo = [(t, p, v, s) for t, _ in targets for s in range(seeds) for p in policies for v in variants]
+    todo: list[tuple[str, str, str | None, int]] = [
+        (t, p, v, s) for t, _ in targets for s in range(seeds) for p in policies for v in variants
+    ]
+    todo += [(t, b, None, s) for t, _ in targets for s in range(seeds) for b in baselines]
+    base_runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     bar = tqdm(todo, desc="lab runs", unit="run", disable=not progress)
     for target, pol, var, seed in bar:
         wl = workloads[(target, seed)]
         truth = {it.request.id: it.output_tokens for it in wl.items}.get
         ctx = PolicyContext(rng=random.Random(seed), truth=truth, profile=profile)
+        if var is None:  # a baseline, as it is
+            policy = reg.build(base_specs[pol], ctx)
+            sim = Simulator(profile, policy, SimConfig(instances=instances, group_size=group_size))
+            res = sim.run(wl.items)
+            base_runs.setdefault((target, pol), []).append(res.summary.to_dict())
+            continue
         policy = reg.build(_variant_config(specs[pol], variants[var]), ctx)
         if var.startswith("shuffled:"):
             inner = getattr(policy, "predictor", None)
@@ -323,6 +347,24 @@ def run_lab(
                     for v in learned
                 },
             }
+        if baselines:
+            per["baselines"] = {}
+            for b in baselines:
+                brows = base_runs[(target, b)]
+                per["baselines"][b] = {
+                    "means": {m: float(np.mean([r[m] for r in brows])) for m in METRICS},
+                    "per_seed": {m: [float(r[m]) for r in brows] for m in METRICS},
+                    # minus each policy's survival variant, paired by seed: (mean, std over seeds)
+                    "vs_survival": {
+                        pol: {
+                            m: paired_difference(
+                                [r[m] for r in runs[(target, pol, "survival")]], [r[m] for r in brows]
+                            )
+                            for m in METRICS
+                        }
+                        for pol in policies
+                    },
+                }
         out["targets"][target] = per
     out["pooled"] = {
         pol: {v: {m: pooled_gap(out["targets"], pol, v, m) for m in METRICS} for v in learned}

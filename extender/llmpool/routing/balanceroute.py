@@ -15,6 +15,21 @@ Model (all loads in KV tokens)
   per-request progress (some endpoint has router in-flight requests but an empty ``active()``),
   ``load_source="auto"`` falls back to the scraped estimate ``kv_load_tokens()`` for every
   endpoint (one consistent source per round).
+* ``load_model='step'`` measures the loads in units of a decode step's time instead, from the
+  step-cost profile (``ctx.profile``, see :func:`step_cost_model`). A step's linear layers cost
+  ``max(c0, c1 + c2 n)`` for ``n`` scheduled tokens: flat up to the knee ``(c0 - c1) / c2``,
+  then ``c2`` per token. A worker's load is its KV tokens plus ``kappa * max(0, n - knee)``, with
+  ``kappa = c2 / (a_dec (1 + batching overhead))`` (424 KV tokens per token for
+  ``h100-llama3-8b``) and ``n`` its requests (one token each) plus the prompt tokens of those
+  that have not produced a token yet (on a colocated vLLM worker their prefill shares the next
+  step with the decodes). What a request costs a worker then depends on the worker: the
+  overflow term uses that cost, the fill term the request's nominal size ``s + kappa (1 + s)``
+  on every worker (else the worker where it costs most would score best while it fits). BR-H
+  projects ``n`` like the loads (requests leave at their predicted end; the prompts weigh at
+  ``h = 0``). Capacity checks stay in KV tokens (``_Round.kv``). With short prompts and answers
+  hundreds of requests run per worker, past the knee, and balancing KV alone leaves the request
+  counts, and so the steps, uneven; the paper's KV model fits decode-only workers with long
+  contexts.
 * A *balancing set* is a barrier group: the endpoints sharing ``EndpointState.group``. When every
   group has one endpoint (independent replicas), all endpoints form one set. ``G`` is the size
   of the set, ``M = max L_g`` its envelope and ``m_g = M - L_g`` the safe margins.
@@ -288,6 +303,25 @@ def _subset_count(window: int, r_max: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def step_cost_model(ctx: PolicyContext) -> tuple[float, float]:
+    """``(kappa, knee)`` of ``load_model='step'`` from ``ctx.profile``.
+
+    A decode step's linear part costs ``max(c0, c1 + c2 n)`` for ``n`` scheduled tokens: flat up
+    to ``knee = (c0 - c1) / c2`` tokens, then ``c2`` per token. ``kappa`` is ``c2`` over the
+    attention cost of one cached context token (batched), so ``kappa * max(0, n - knee)`` is the
+    linear part above its floor in KV-token units."""
+    prof = ctx.profile
+    if prof is None:
+        raise ConfigError("load_model 'step' needs a step-cost profile (the picker's or the lab's)")
+    step = prof.step
+    per_ctx = step.decode_attention_ns_per_context_token * (1.0 + step.attention_batching_overhead)
+    lin = step.linear
+    if per_ctx <= 0.0 or lin.c2_us_per_token <= 0.0:
+        raise ConfigError(f"load_model 'step': profile {prof.name!r} has no decode attention or token cost")
+    knee = max(0.0, (lin.c0_ms - lin.c1_ms) * 1e3 / lin.c2_us_per_token)
+    return lin.c2_us_per_token * 1e3 / per_ctx, knee
+
+
 class BR0Params(PolicyParams):
     """Parameters of ``br0`` (and the shared part of ``brh``)."""
 
@@ -331,6 +365,15 @@ class BR0Params(PolicyParams):
         allow_inf_nan=False,
         description="A request held this long (seconds since arrival) is force-admitted to the "
         "lowest-load worker that can take it, or reserves one. Default 2.",
+    )
+    load_model: Literal["kv", "step"] = Field(
+        default="kv",
+        description="What a worker's load counts. 'kv': KV tokens (prompt + generated) of its requests, "
+        "the paper's model (right when attention dominates a decode step: long contexts on decode-only "
+        "workers). 'step': a decode step's time from the step-cost profile, in KV-token units: the KV "
+        "tokens plus the linear layers' cost of the step's tokens past the profile's knee (one per "
+        "request, and the prompts not yet prefilled, which share the next step on a colocated vLLM "
+        "worker). Needs a profile. Default kv.",
     )
     load_source: Literal["auto", "active", "scraped"] = Field(
         default="auto",
@@ -433,12 +476,16 @@ class _Round:
         "covered",
         "eligible",
         "inflight",
+        "kv",
         "kv_cap",
         "kv_limit",
         "load",
         "n",
         "now",
+        "ntok",
+        "pctx",
         "plan",
+        "pn",
         "proj",
         "reserved",
         "s_ref",
@@ -449,7 +496,11 @@ class _Round:
     def __init__(self, now: float, n: int) -> None:
         self.now = now
         self.n = n
-        self.load: list[float] = []
+        self.load: list[float] = []  # balancing load: KV tokens (+ the linear cost with load_model step)
+        self.kv: list[float] = []  # KV tokens (capacity checks)
+        self.ntok: list[float] = []  # load_model 'step': tokens each worker schedules next step
+        self.pn: F64 | None = None  # BR-H, load_model 'step': projected scheduled tokens
+        self.pctx: F64 | None = None  # BR-H, load_model 'step': projected KV tokens
         self.inflight: list[int] = []
         self.kv_limit: list[float] = []
         self.kv_cap: list[float] = []
@@ -486,6 +537,9 @@ class BalanceRoute(Policy):
         self._thr = params.kv_admit_threshold
         self._max_hold = params.max_hold_s
         self._source = params.load_source
+        # load_model 'step': the linear layers' cost per scheduled token above the knee, in KV
+        # tokens (0 for 'kv': loads are KV tokens only)
+        self._kappa, self._knee = step_cost_model(ctx) if params.load_model == "step" else (0.0, 0.0)
         self._round: _Round | None = None
 
     @property
@@ -537,36 +591,80 @@ class BalanceRoute(Policy):
         """Called once per decision before anything else."""
 
     def _measure(self, eps: Sequence[EndpointState], rnd: _Round) -> bool:
-        """Fill ``rnd.load``; True when it comes from the router's per-request progress."""
+        """Fill ``rnd.kv`` and ``rnd.load``; True when they come from the router's per-request
+        progress."""
         n = len(eps)
+        k = self._kappa
         if self._source != "scraped":
-            loads = [0.0] * n
+            kv = [0.0] * n
+            ntok = [0.0] * n
             missing = False
             for i, e in enumerate(eps):
                 act = e.active()
                 if act:
-                    loads[i] = float(sum([a.request.prompt_tokens + a.generated_tokens for a in act]))
+                    kv[i] = float(sum([a.request.prompt_tokens + a.generated_tokens for a in act]))
+                    if k:  # next step's tokens: one per request, and the prompts still to prefill
+                        pending = sum([a.request.prompt_tokens for a in act if a.generated_tokens == 0])
+                        ntok[i] = float(len(act) + pending)
                 elif e.inflight > 0:
                     missing = True
             if not missing or self._source == "active":
-                rnd.load = loads
+                self._set_loads(rnd, kv, ntok)
                 return True
-        rnd.load = [float(e.kv_load_tokens()) for e in eps]
+        kv = [float(e.kv_load_tokens()) for e in eps]
+        self._set_loads(rnd, kv, [float(e.running) for e in eps])
         return False
+
+    def _lin(self, ntok: float) -> float:
+        """The linear layers' cost of ``ntok`` scheduled tokens above its floor, in KV tokens."""
+        x = ntok - self._knee
+        return self._kappa * x if x > 0.0 else 0.0
+
+    def _lin_added(self, ntok: float, add: float) -> float:
+        """What ``add`` more scheduled tokens add to :meth:`_lin` (computed as BR-H does)."""
+        knee = self._knee
+        return self._kappa * (max(ntok + add - knee, 0.0) - max(ntok - knee, 0.0))
+
+    def _set_loads(self, rnd: _Round, kv: list[float], ntok: list[float]) -> None:
+        rnd.kv = kv
+        rnd.ntok = ntok
+        rnd.load = [v + self._lin(t) for v, t in zip(kv, ntok, strict=True)] if self._kappa else list(kv)
+
+    def _deltas_now(self, rnd: _Round, workers: list[int], s: float) -> list[float]:
+        """What one request of ``s`` prompt tokens adds to each worker's load of the next step."""
+        if not self._kappa:
+            return [s] * len(workers)
+        added = self._lin_added
+        return [s + added(rnd.ntok[g], 1.0 + s) for g in workers]
 
     def _scores(self, rnd: _Round, members: list[int], workers: list[int], s: float) -> list[float]:
         """``F_g({i})`` of a request of ``s`` prompt tokens for each worker of one balancing set."""
         load = rnd.load
         top = max(load[i] for i in members)
         size = len(members)
-        return [f_score(s, top - load[g], size) for g in workers]
+        if not self._kappa:
+            return [f_score(s, top - load[g], size) for g in workers]
+        # the fill term counts the request's nominal size on every worker (else the worker where
+        # it costs most would score best while it fits); the overflow term its cost there
+        fill = (s + self._kappa) + self._kappa * s  # as BR-H's _fill_step at H = 0
+        deltas = self._deltas_now(rnd, workers, s)
+        return [fill - size * max(d - (top - load[g]), 0.0) for g, d in zip(workers, deltas, strict=True)]
 
-    def _score_deltas(self, rnd: _Round, g: int, deltas: F64) -> F64:
-        """``F_g(Q)`` for candidate admission loads ``deltas`` on worker ``g``."""
+    def _score_deltas(self, rnd: _Round, g: int, prompts: F64, counts: F64) -> F64:
+        """``F_g(Q)`` for candidate sets of ``counts`` requests with ``prompts`` prompt tokens in
+        all on worker ``g``."""
         load = rnd.load
         members = rnd.sets[rnd.set_of[g]]
         margin = max(load[i] for i in members) - load[g]
-        out: F64 = deltas - len(members) * np.maximum(deltas - margin, 0.0)
+        if not self._kappa:
+            out: F64 = prompts - len(members) * np.maximum(prompts - margin, 0.0)
+            return out
+        t = rnd.ntok[g]
+        knee = self._knee
+        tokens = counts + prompts
+        d = prompts + self._kappa * (np.maximum(t + tokens - knee, 0.0) - max(t - knee, 0.0))
+        fill = (prompts + self._kappa * counts) + self._kappa * prompts  # see _scores
+        out = fill - len(members) * np.maximum(d - margin, 0.0)
         return out
 
     def _apply(self, rnd: _Round, request: Request, g: int) -> None:
@@ -623,7 +721,7 @@ class BalanceRoute(Policy):
         if not rnd.eligible[g] or g in rnd.reserved:
             return 0
         k = self._max_seqs - rnd.inflight[g]
-        room = rnd.kv_limit[g] - rnd.load[g]
+        room = rnd.kv_limit[g] - rnd.kv[g]
         if room < _INF:
             k = min(k, int(room // rnd.s_ref))
         return k if k > 0 else 0
@@ -643,7 +741,7 @@ class BalanceRoute(Policy):
     def _admits(self, rnd: _Round, g: int, s: float) -> bool:
         if not rnd.eligible[g] or g in rnd.reserved or rnd.inflight[g] >= self._max_seqs:
             return False
-        return rnd.load[g] + s <= rnd.kv_limit[g] or rnd.inflight[g] == 0
+        return rnd.kv[g] + s <= rnd.kv_limit[g] or rnd.inflight[g] == 0
 
     def _any_admits(self, rnd: _Round) -> bool:
         return any(self._admits(rnd, g, 0.0) for g in range(rnd.n))
@@ -651,17 +749,20 @@ class BalanceRoute(Policy):
     def _set_keys(self, rnd: _Round) -> list[float]:
         """Mean load of each balancing set (fraction of KV capacity when every capacity is known)."""
         load = rnd.load
+        kv = rnd.kv
         cap = rnd.kv_cap
         keys = []
         for members in rnd.sets:
             tot = 0.0
+            tkv = 0.0
             tc = 0.0
             known = True
             for i in members:
                 tot += load[i]
+                tkv += kv[i]
                 tc += cap[i]
                 known = known and cap[i] > 0
-            keys.append(tot / tc if known and tc > 0 else tot / len(members))
+            keys.append(tkv / tc if known and tc > 0 else tot / len(members))
         return keys
 
     def _set_order(self, rnd: _Round) -> list[int]:
@@ -709,7 +810,13 @@ class BalanceRoute(Policy):
 
     def _commit(self, rnd: _Round, request: Request, g: int) -> None:
         rnd.applied[request.id] = g
-        rnd.load[g] += request.prompt_tokens
+        s = request.prompt_tokens
+        rnd.kv[g] += s
+        if self._kappa:  # recomputed, not added to, so that BR-H's projection gives the same value
+            rnd.ntok[g] += 1.0 + s
+            rnd.load[g] = rnd.kv[g] + self._lin(rnd.ntok[g])
+        else:
+            rnd.load[g] += s
         rnd.inflight[g] += 1
         self._apply(rnd, request, g)
 
@@ -776,12 +883,13 @@ class BalanceRoute(Policy):
         sizes = np.zeros(width + 1, dtype=np.float64)
         sizes[:width] = [r.prompt_tokens for r in cands]
         deltas = sizes[rows].sum(axis=1)
-        ok = deltas <= rnd.kv_limit[g] - rnd.load[g]
+        ok = deltas <= rnd.kv_limit[g] - rnd.kv[g]
         if rnd.inflight[g] == 0:
             ok[: ends[1]] = True  # an idle worker takes any single request
         if not ok.any():
             return []
-        scores = np.where(ok, self._score_deltas(rnd, g, deltas), -_INF)
+        counts = (rows < width).sum(axis=1).astype(np.float64)
+        scores = np.where(ok, self._score_deltas(rnd, g, deltas, counts), -_INF)
         j = int(np.argmax(scores))
         if scores[j] <= 0.0:  # nothing fills the margin: force-admit the best single request
             j = int(np.argmax(scores[: ends[1]]))
@@ -797,6 +905,7 @@ class BalanceRouteH(BalanceRoute):
         super().__init__(params, ctx)
         self._h = params.horizon
         self._weights: F64 = params.gamma ** np.arange(params.horizon + 1, dtype=np.float64)
+        self._alpha = params.alpha
         self._fill = params.alpha * float(self._weights.sum())
         self._beta = params.beta
         self._steps: F64 = np.arange(params.horizon + 1, dtype=np.float64)
@@ -886,32 +995,46 @@ class BalanceRouteH(BalanceRoute):
                     exact = False
             if not exact and self._source == "active":
                 exact = True
+        step = self._kappa > 0.0
         if not exact:
-            base = np.array([e.kv_load_tokens() for e in eps], dtype=np.float64)
+            kv = np.array([e.kv_load_tokens() for e in eps], dtype=np.float64)
             growing = np.array([e.running for e in eps], dtype=np.float64)
-            proj = project_loads(base, growing, (), (), (), h)
+            proj = project_loads(kv, growing, (), (), (), h)
+            if step:
+                rnd.pn = np.repeat(growing[:, None], h + 1, axis=1)
         else:
             age = np.array([a.generated_tokens for a in acts], dtype=np.int64)
             load = np.array([a.request.prompt_tokens for a in acts], dtype=np.float64) + age
             where = np.repeat(np.arange(n), counts)
-            base = np.asarray(np.bincount(where, weights=load, minlength=n), dtype=np.float64)
+            kv = np.asarray(np.bincount(where, weights=load, minlength=n), dtype=np.float64)
+            cnt = counts.astype(np.float64)
+            pn = np.repeat(cnt[:, None], h + 1, axis=1) if step else None
             if h and acts:
                 rem, share = self._project_remaining(acts, age)
                 drop = np.flatnonzero(rem < h)
                 steps = np.maximum(np.ceil(rem[drop]), 1.0).astype(np.int64)
-                proj = project_loads(
-                    base,
-                    counts.astype(np.float64),
-                    where[drop],
-                    steps,
-                    load[drop],
-                    h,
-                    share[drop] if self._expected else None,
-                )
+                weight = share[drop] if self._expected else None
+                proj = project_loads(kv, cnt, where[drop], steps, load[drop], h, weight)
+                if pn is not None and drop.shape[0]:  # the requests still running at each step
+                    flat = where[drop] * (h + 1) + steps
+                    gone = np.bincount(flat, weights=weight, minlength=n * (h + 1))
+                    pn -= gone.reshape(n, h + 1).cumsum(axis=1)
             else:
-                proj = project_loads(base, counts.astype(np.float64), (), (), (), h)
+                proj = project_loads(kv, cnt, (), (), (), h)
+            if pn is not None:  # the prompts still to prefill are scheduled in the next step
+                pending = age == 0
+                if pending.any():
+                    pn[:, 0] += np.bincount(where[pending], weights=load[pending], minlength=n)
+            rnd.pn = pn
+        if step:
+            pn_all = rnd.pn
+            assert pn_all is not None
+            rnd.pctx = proj
+            proj = proj + self._kappa * np.maximum(pn_all - self._knee, 0.0)
+            rnd.ntok = pn_all[:, 0].tolist()
         rnd.proj = proj
         rnd.load = proj[:, 0].tolist()
+        rnd.kv = kv.tolist()
         return exact
 
     def _project_remaining(self, acts: list[ActiveRequest], age: npt.NDArray[np.int64]) -> tuple[F64, F64]:
@@ -959,7 +1082,8 @@ class BalanceRouteH(BalanceRoute):
         return out, weight
 
     def _apply(self, rnd: _Round, request: Request, g: int) -> None:
-        proj = rnd.proj
+        step = self._kappa > 0.0
+        proj = rnd.pctx if step else rnd.proj
         assert proj is not None
         s = float(request.prompt_tokens)
         h = self._h
@@ -969,9 +1093,18 @@ class BalanceRouteH(BalanceRoute):
             rem, share = self._remaining(request, 0)
             if rem < h:
                 d = max(1, math.ceil(rem))
+        rest = share < 1.0 and d <= h  # projection 'expected': the rest stays
         proj[g, :d] += s + self._steps[:d]
-        if share < 1.0 and d <= h:  # projection 'expected': the rest stays
+        if rest:
             proj[g, d:] += (1.0 - share) * (s + self._steps[d:])
+        if step:
+            pn = rnd.pn
+            assert pn is not None and rnd.proj is not None
+            pn[g, :d] += 1.0
+            pn[g, 0] += s  # its prefill
+            if rest:
+                pn[g, d:] += 1.0 - share
+            rnd.proj[g] = proj[g] + self._kappa * np.maximum(pn[g] - self._knee, 0.0)
 
     # ------------------------------------------------------------------ scores
     def _margins(self, rnd: _Round, members: list[int], workers: list[int]) -> F64:
@@ -981,11 +1114,40 @@ class BalanceRouteH(BalanceRoute):
         out: F64 = top[None, :] - proj[workers]
         return out
 
+    def _step_deltas(self, rnd: _Round, workers: list[int], prompts: F64, counts: F64) -> F64:
+        """``D[w, q, h]``: what a set of ``counts[q]`` requests with ``prompts[q]`` prompt tokens in
+        all adds to worker ``workers[w]``'s projected load at step ``h`` with ``load_model='step'``:
+        its KV tokens (constant across ``h``, as in the paper) and the linear layers' cost of its
+        tokens, each prompt in the next step."""
+        pn = rnd.pn
+        assert pn is not None
+        t = pn[workers][:, None, :]  # (W, 1, H + 1)
+        add = np.repeat(counts[:, None], self._h + 1, axis=1)  # (Q, H + 1)
+        add[:, 0] += prompts
+        knee = self._knee
+        lin = np.maximum(t + add[None, :, :] - knee, 0.0) - np.maximum(t - knee, 0.0)
+        out: F64 = prompts[None, :, None] + self._kappa * lin
+        return out
+
     def _scores(self, rnd: _Round, members: list[int], workers: list[int], s: float) -> list[float]:
         beta = self._beta if self._beta is not None else float(len(members))
         margins = self._margins(rnd, members, workers)
-        penalty = np.maximum(s - margins, 0.0) @ self._weights
-        out: list[float] = (self._fill * s - beta * penalty).tolist()
+        if not self._kappa:
+            penalty = np.maximum(s - margins, 0.0) @ self._weights
+            out: list[float] = (self._fill * s - beta * penalty).tolist()
+            return out
+        d = self._step_deltas(rnd, workers, np.array([s]), np.ones(1))[:, 0, :]  # (W, H + 1)
+        w = self._weights
+        fill = self._fill_step(np.array([s]), np.ones(1))[0]  # nominal, as br0's
+        scores: list[float] = (fill - beta * (np.maximum(d - margins, 0.0) @ w)).tolist()
+        return scores
+
+    def _fill_step(self, prompts: F64, counts: F64) -> F64:
+        """The fill term with ``load_model='step'``: ``alpha sum_h gamma^h D_h`` of the sets'
+        nominal sizes (their KV tokens and the linear cost of their tokens past the knee, each
+        prompt at ``h = 0``), the same on every worker."""
+        k = self._kappa
+        out: F64 = self._fill * (prompts + k * counts) + self._alpha * float(self._weights[0]) * k * prompts
         return out
 
     def _tie_loads(self, rnd: _Round, workers: list[int]) -> Sequence[float]:
@@ -998,11 +1160,16 @@ class BalanceRouteH(BalanceRoute):
             keys[g] = v
         return keys
 
-    def _score_deltas(self, rnd: _Round, g: int, deltas: F64) -> F64:
+    def _score_deltas(self, rnd: _Round, g: int, prompts: F64, counts: F64) -> F64:
         members = rnd.sets[rnd.set_of[g]]
         beta = self._beta if self._beta is not None else float(len(members))
         margins = self._margins(rnd, members, [g])[0]
-        out: F64 = self._fill * deltas - beta * horizon_penalty(deltas, margins, self._weights)
+        w = self._weights
+        if not self._kappa:
+            out: F64 = self._fill * prompts - beta * horizon_penalty(prompts, margins, w)
+            return out
+        d = self._step_deltas(rnd, [g], prompts, counts)[0]  # (Q, H + 1)
+        out = self._fill_step(prompts, counts) - beta * (np.maximum(d - margins[None, :], 0.0) @ w)
         return out
 
     def projected_loads(self, view: PoolView) -> F64:
