@@ -683,6 +683,15 @@ def test_step_loads_spread_a_burst_of_prefills() -> None:
     assert sorted(g for g in burst("step") if g is not None) == [0, 1, 2, 3]
 
 
+def _step_f(n: Any, margins: Any, weights: Any, alpha: float, s: float, count: float) -> float:
+    """The definition, for a set of ``count`` requests with ``s`` prompt tokens in all."""
+    add = np.full(len(weights), count)
+    add[0] += s
+    dh = s + KAPPA * (np.maximum(n + add - KNEE, 0.0) - np.maximum(n - KNEE, 0.0))
+    nominal = s + KAPPA * add
+    return float(weights @ (alpha * nominal - 4.0 * np.maximum(dh - margins, 0.0)))
+
+
 def test_step_scores_equal_the_horizon_f_score_of_projected_step_times() -> None:
     # F = sum_h gamma^h (alpha S_h - beta max(D_h - m_h, 0)) with D_h = s + kappa (max(0, n_h + 1
     # + [h = 0] s - knee) - max(0, n_h - knee)) what the request costs the worker at step h (n_h
@@ -707,17 +716,18 @@ def test_step_scores_equal_the_horizon_f_score_of_projected_step_times() -> None
         weights = gamma ** np.arange(9)
         for g in range(4):
             margins = rnd.proj.max(axis=0) - rnd.proj[g]
+            n = rnd.pn[g]
             for s in (rng.randint(1, 30), rng.randint(100, 600)):
-                add = np.ones(9)
-                add[0] += s
-                n = rnd.pn[g]
-                dh = s + KAPPA * (np.maximum(n + add - KNEE, 0.0) - np.maximum(n - KNEE, 0.0))
-                nominal = s + KAPPA * add
-                want = float(weights @ (alpha * nominal - 4.0 * np.maximum(dh - margins, 0.0)))
                 single = pol._scores(rnd, [0, 1, 2, 3], [g], float(s))[0]
-                subset = pol._score_deltas(rnd, g, np.array([float(s)]), np.ones(1))[0]
+                want = _step_f(n, margins, weights, alpha, s, 1.0)
                 assert single == pytest.approx(want, rel=1e-9, abs=1e-6)
-                assert subset == pytest.approx(want, rel=1e-9, abs=1e-6)
+            # sets of 1-4 requests with their prompts' sums, as the scarce stage scores them
+            counts = np.array([1.0, 2.0, 3.0, 4.0, 2.0, 1.0])
+            sums = np.array([float(rng.randint(5, 150 * int(c))) for c in counts])
+            subset = pol._score_deltas(rnd, g, sums, counts)
+            for q in range(len(counts)):
+                want = _step_f(n, margins, weights, alpha, sums[q], counts[q])
+                assert subset[q] == pytest.approx(want, rel=1e-9, abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["br0", "brh"])
