@@ -4,8 +4,8 @@ Every decode step of a data-parallel (DP) engine ends in a barrier, so the step 
 as its most loaded rank's. BalanceRoute (arXiv 2605.06113; ``docs/algorithms.md`` Part B)
 admits requests so that they fill the idle gap under that envelope instead of raising it.
 
-Model (all loads in KV tokens)
-------------------------------
+Model (loads in KV tokens; with ``load_model="step"`` in decode-step time)
+--------------------------------------------------------------------------
 
 * A *worker* is an endpoint. Its load ``L_g`` is the router's exact sum over its in-flight
   requests of ``prompt + generated`` tokens (B.2's ``w_i = s_i + j - 1``), walked from
@@ -631,9 +631,8 @@ class BalanceRoute(Policy):
         rnd.load = [v + self._lin(t) for v, t in zip(kv, ntok, strict=True)] if self._kappa else list(kv)
 
     def _deltas_now(self, rnd: _Round, workers: list[int], s: float) -> list[float]:
-        """What one request of ``s`` prompt tokens adds to each worker's load of the next step."""
-        if not self._kappa:
-            return [s] * len(workers)
+        """What one request of ``s`` prompt tokens adds to each worker's step load of the next
+        step (``load_model='step'``)."""
         added = self._lin_added
         return [s + added(rnd.ntok[g], 1.0 + s) for g in workers]
 
