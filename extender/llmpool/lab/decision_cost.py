@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from llmpool.lab.bench import policy_config, split_policies
 from llmpool.routing import PolicyContext, builtin_registry
 from llmpool.routing.profile import load_profile
 from llmpool.routing.types import ActiveRequest, EndpointState, PoolView, Request
@@ -55,7 +56,9 @@ def measure(policy_name: str, n: int, active: int, decisions: int, seed: int = 0
     rng = random.Random(seed)
     profile = load_profile("h100-llama3-8b")
     truth = lambda rid: 200  # noqa: E731 - lab-only oracle stand-in
-    pol = builtin_registry().build(policy_name, PolicyContext(rng=rng, truth=truth, profile=profile))
+    pol = builtin_registry().build(
+        policy_config(policy_name), PolicyContext(rng=rng, truth=truth, profile=profile)
+    )
     eps = _pool(n, active, rng)
     for k in range(2000):  # warm the predictors / learnt state
         r = Request(id=k, arrival=0.0, prompt_tokens=rng.randint(20, 2000), model="m")
@@ -74,17 +77,23 @@ def measure(policy_name: str, n: int, active: int, decisions: int, seed: int = 0
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoints", default="8,16,64,256")
-    ap.add_argument("--policies", default=",".join(builtin_registry().names()))
+    ap.add_argument(
+        "--policies",
+        default=",".join(builtin_registry().names()),
+        help="comma-separated, each a name or name:{json params}",
+    )
     ap.add_argument("--active", type=int, default=16, help="in-flight requests per endpoint")
     ap.add_argument("--decisions", type=int, default=3000)
     a = ap.parse_args(argv)
     sizes = [int(x) for x in a.endpoints.split(",")]
-    print(f"{'policy':16s} {'endpoints':>9s} {'p50 us':>9s} {'p99 us':>9s} {'max us':>9s}")
-    for name in a.policies.split(","):
+    names = split_policies(a.policies)
+    width = max(16, *(len(n) for n in names))
+    print(f"{'policy':{width}s} {'endpoints':>9s} {'p50 us':>9s} {'p99 us':>9s} {'max us':>9s}")
+    for name in names:
         for n in sizes:
             t = measure(name, n, a.active, a.decisions)
             p50, p99 = np.percentile(t, [50, 99])
-            print(f"{name:16s} {n:9d} {p50:9.1f} {p99:9.1f} {t.max():9.1f}")
+            print(f"{name:{width}s} {n:9d} {p50:9.1f} {p99:9.1f} {t.max():9.1f}")
             sys.stdout.flush()
     return 0
 
