@@ -640,18 +640,18 @@ def test_step_load_counts_requests_above_the_knee(name: str) -> None:
     # Worker 0 holds 180 short requests (1,800 KV tokens), worker 1 140 longer ones (2,800): by
     # KV worker 0 is lighter; by step time worker 0's 180 tokens per step are 41 past the knee
     # (about 17,400 KV tokens' worth), worker 1's one, so worker 1 is.
-    pool = Pool(2, groups=["a", "a"])
-    for _ in range(180):
-        pool.add(0, 5, 5)
-    for _ in range(140):
-        pool.add(1, 10, 10)
+    def pair(n0: int, half0: int, n1: int, half1: int) -> Pool:
+        """Two ranks of one group with n0 / n1 requests of half* prompt and half* generated."""
+        pool = Pool(2, groups=["a", "a"])
+        for i, (count, half) in enumerate(((n0, half0), (n1, half1))):
+            for _ in range(count):
+                pool.add(i, half, half)
+        return pool
+
+    pool = pair(180, 5, 140, 10)
     assert (_pick(name, "kv", pool), _pick(name, "step", pool)) == (0, 1)
     # Below the knee a step costs the same however many requests it has: KV decides again.
-    small = Pool(2, groups=["a", "a"])
-    for _ in range(60):
-        small.add(0, 5, 5)
-    for _ in range(20):
-        small.add(1, 40, 40)
+    small = pair(60, 5, 20, 40)
     assert (_pick(name, "kv", small), _pick(name, "step", small)) == (0, 0)
 
 
