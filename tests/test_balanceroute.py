@@ -88,7 +88,24 @@ class Pool:
         r = req(rid, prompt)
         self.active[i].append(ActiveRequest(request=r, assigned_at=0.0, generated_tokens=generated))
         self.endpoints[i].inflight += 1
+        if generated == 0:  # as the driver counts it: prefill work until the first token shows
+            self.endpoints[i].prefill_pending_tokens += prompt
         return r
+
+    def decode(self, i: int, j: int) -> None:
+        """Request ``j`` of endpoint ``i`` produces a token."""
+        a = self.active[i][j]
+        if a.generated_tokens == 0:
+            self.endpoints[i].prefill_pending_tokens -= a.request.prompt_tokens
+        a.generated_tokens += 1
+
+    def finish(self, i: int) -> ActiveRequest:
+        """Endpoint ``i``'s oldest request leaves."""
+        done = self.active[i].pop(0)
+        self.endpoints[i].inflight -= 1
+        if done.generated_tokens == 0:
+            self.endpoints[i].prefill_pending_tokens -= done.request.prompt_tokens
+        return done
 
     def load(self, i: int) -> int:
         return sum(a.request.prompt_tokens + a.generated_tokens for a in self.active[i])
@@ -117,6 +134,7 @@ def dispatch(
         if admit:
             pool.active[g].append(ActiveRequest(request=r, assigned_at=now))
             pool.endpoints[g].inflight += 1
+            pool.endpoints[g].prefill_pending_tokens += r.prompt_tokens
         policy.on_assigned(r, g, now)
     return out
 
@@ -429,13 +447,11 @@ def test_brh_with_zero_horizon_equals_br0_on_random_states(load_model: str) -> N
                 i = rng.randrange(n)
                 for p, pol in zip(pools, (br0, brh), strict=True):
                     if p.active[i]:
-                        done = p.active[i].pop(0)
-                        p.endpoints[i].inflight -= 1
-                        pol.on_completed(done.request, i, 10, now)
+                        pol.on_completed(p.finish(i).request, i, 10, now)
             for p in pools:  # one decode step
-                for acts in p.active:
-                    for x in acts:
-                        x.generated_tokens += 1
+                for i, acts in enumerate(p.active):
+                    for j in range(len(acts)):
+                        p.decode(i, j)
     assert decisions > 1000 and 0.1 < held / decisions < 0.9, (decisions, held)
 
 
@@ -663,7 +679,7 @@ def test_step_load_counts_a_pending_prefill(name: str) -> None:
     pool.add(0, 500, 0)
     pool.add(1, 600, 100)
     assert (_pick(name, "kv", pool), _pick(name, "step", pool)) == (0, 1)
-    pool.active[0][0].generated_tokens = 1  # once it decodes, worker 0 is the lighter one again
+    pool.decode(0, 0)  # once it decodes, worker 0 is the lighter one again
     assert _pick(name, "step", pool, now=1.0) == 0
 
 

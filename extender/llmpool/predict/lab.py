@@ -293,12 +293,9 @@ def run_lab(
         ctx = PolicyContext(rng=random.Random(seed), truth=truth, profile=profile)
         if var is None:  # a baseline, as it is
             policy = reg.build(base_specs[pol], ctx)
-            sim = Simulator(profile, policy, SimConfig(instances=instances, group_size=group_size))
-            res = sim.run(wl.items)
-            base_runs.setdefault((target, pol), []).append(res.summary.to_dict())
-            continue
-        policy = reg.build(_variant_config(specs[pol], variants[var]), ctx)
-        if var.startswith("shuffled:"):
+        else:
+            policy = reg.build(_variant_config(specs[pol], variants[var]), ctx)
+        if var is not None and var.startswith("shuffled:"):
             inner = getattr(policy, "predictor", None)
             if not isinstance(inner, LengthPredictor):
                 raise PredictError(f"policy {pol!r} has no length predictor to run the shuffled control on")
@@ -307,7 +304,10 @@ def run_lab(
         t0 = time.perf_counter()
         res = Simulator(profile, policy, SimConfig(instances=instances, group_size=group_size)).run(wl.items)
         row = {**res.summary.to_dict(), "sim_wall_s": time.perf_counter() - t0}
-        runs.setdefault((target, pol, var), []).append(row)
+        if var is None:
+            base_runs.setdefault((target, pol), []).append(row)
+        else:
+            runs.setdefault((target, pol, var), []).append(row)
     bar.close()
     out: dict[str, Any] = {
         "requests": requests,

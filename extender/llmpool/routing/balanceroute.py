@@ -20,16 +20,17 @@ Model (loads in KV tokens; with ``load_model="step"`` in decode-step time)
   ``max(c0, c1 + c2 n)`` for ``n`` scheduled tokens: flat up to the knee ``(c0 - c1) / c2``,
   then ``c2`` per token. A worker's load is its KV tokens plus ``kappa * max(0, n - knee)``, with
   ``kappa = c2 / (a_dec (1 + batching overhead))`` (424 KV tokens per token for
-  ``h100-llama3-8b``) and ``n`` its requests (one token each) plus the prompt tokens of those
-  that have not produced a token yet (on a colocated vLLM worker their prefill shares the next
-  step with the decodes). What a request costs a worker then depends on the worker: the
-  overflow term uses that cost, the fill term the request's nominal size ``s + kappa (1 + s)``
-  on every worker (else the worker where it costs most would score best while it fits). BR-H
-  projects ``n`` like the loads (requests leave at their predicted end; the prompts weigh at
-  ``h = 0``). Capacity checks stay in KV tokens (``_Round.kv``). With short prompts and answers
-  hundreds of requests run per worker, past the knee, and balancing KV alone leaves the request
-  counts, and so the steps, uneven; the paper's KV model fits decode-only workers with long
-  contexts.
+  ``h100-llama3-8b``) and ``n`` its requests (one token each) plus the router's
+  ``EndpointState.prefill_pending_tokens``, the prompts of the requests that have shown no
+  output token yet (on a colocated vLLM worker their prefill shares the next step with the
+  decodes; a non-streamed request is not counted, its first token is only seen at its end).
+  What a request costs a worker then depends on the worker: the overflow term uses that cost,
+  the fill term the request's nominal size ``s + kappa (1 + s)`` on every worker (else the
+  worker where it costs most would score best while it fits). BR-H projects ``n`` like the
+  loads (requests leave at their predicted end; the prompts weigh at ``h = 0``). Capacity
+  checks stay in KV tokens (``_Round.kv``). With short prompts and answers hundreds of
+  requests run per worker, past the knee, and balancing KV alone leaves the request counts,
+  and so the steps, uneven; the paper's KV model fits decode-only workers with long contexts.
 * A *balancing set* is a barrier group: the endpoints sharing ``EndpointState.group``. When every
   group has one endpoint (independent replicas), all endpoints form one set. ``G`` is the size
   of the set, ``M = max L_g`` its envelope and ``m_g = M - L_g`` the safe margins.
@@ -604,15 +605,14 @@ class BalanceRoute(Policy):
                 if act:
                     kv[i] = float(sum([a.request.prompt_tokens + a.generated_tokens for a in act]))
                     if k:  # next step's tokens: one per request, and the prompts still to prefill
-                        pending = sum([a.request.prompt_tokens for a in act if a.generated_tokens == 0])
-                        ntok[i] = float(len(act) + pending)
+                        ntok[i] = float(len(act) + e.prefill_pending_tokens)
                 elif e.inflight > 0:
                     missing = True
             if not missing or self._source == "active":
                 self._set_loads(rnd, kv, ntok)
                 return True
         kv = [float(e.kv_load_tokens()) for e in eps]
-        self._set_loads(rnd, kv, [float(e.running) for e in eps])
+        self._set_loads(rnd, kv, [float(e.running + e.prefill_pending_tokens) for e in eps])
         return False
 
     def _lin(self, ntok: float) -> float:
@@ -1000,7 +1000,9 @@ class BalanceRouteH(BalanceRoute):
             growing = np.array([e.running for e in eps], dtype=np.float64)
             proj = project_loads(kv, growing, (), (), (), h)
             if step:
-                rnd.pn = np.repeat(growing[:, None], h + 1, axis=1)
+                pn_s = np.repeat(growing[:, None], h + 1, axis=1)
+                pn_s[:, 0] += [e.prefill_pending_tokens for e in eps]  # prefilled in the next step
+                rnd.pn = pn_s
         else:
             age = np.array([a.generated_tokens for a in acts], dtype=np.int64)
             load = np.array([a.request.prompt_tokens for a in acts], dtype=np.float64) + age
@@ -1021,9 +1023,7 @@ class BalanceRouteH(BalanceRoute):
             else:
                 proj = project_loads(kv, cnt, (), (), (), h)
             if pn is not None:  # the prompts still to prefill are scheduled in the next step
-                pending = age == 0
-                if pending.any():
-                    pn[:, 0] += np.bincount(where[pending], weights=load[pending], minlength=n)
+                pn[:, 0] += [e.prefill_pending_tokens for e in eps]
             rnd.pn = pn
         if step:
             pn_all = rnd.pn
@@ -1113,19 +1113,18 @@ class BalanceRouteH(BalanceRoute):
         out: F64 = top[None, :] - proj[workers]
         return out
 
-    def _step_deltas(self, rnd: _Round, workers: list[int], prompts: F64, counts: F64) -> F64:
-        """``D[w, q, h]``: what a set of ``counts[q]`` requests with ``prompts[q]`` prompt tokens in
-        all adds to worker ``workers[w]``'s projected load at step ``h`` with ``load_model='step'``:
-        its KV tokens (constant across ``h``, as in the paper) and the linear layers' cost of its
-        tokens, each prompt in the next step."""
+    def _step_deltas(self, rnd: _Round, workers: list[int], s: float) -> F64:
+        """``D[w, h]``: what one request of ``s`` prompt tokens adds to worker ``workers[w]``'s
+        projected load at step ``h`` with ``load_model='step'``: its KV tokens (constant across
+        ``h``, as in the paper) and the linear layers' cost of its token, and of its prompt in
+        the next step."""
         pn = rnd.pn
         assert pn is not None
-        t = pn[workers][:, None, :]  # (W, 1, H + 1)
-        add = np.repeat(counts[:, None], self._h + 1, axis=1)  # (Q, H + 1)
-        add[:, 0] += prompts
+        t = pn[workers]  # (W, H + 1)
+        add = np.ones(self._h + 1)
+        add[0] += s
         knee = self._knee
-        lin = np.maximum(t + add[None, :, :] - knee, 0.0) - np.maximum(t - knee, 0.0)
-        out: F64 = prompts[None, :, None] + self._kappa * lin
+        out: F64 = s + self._kappa * (np.maximum(t + add - knee, 0.0) - np.maximum(t - knee, 0.0))
         return out
 
     def _scores(self, rnd: _Round, members: list[int], workers: list[int], s: float) -> list[float]:
@@ -1135,7 +1134,7 @@ class BalanceRouteH(BalanceRoute):
             penalty = np.maximum(s - margins, 0.0) @ self._weights
             out: list[float] = (self._fill * s - beta * penalty).tolist()
             return out
-        d = self._step_deltas(rnd, workers, np.array([s]), np.ones(1))[:, 0, :]  # (W, H + 1)
+        d = self._step_deltas(rnd, workers, s)  # (W, H + 1)
         w = self._weights
         fill = self._fill_step(np.array([s]), np.ones(1))[0]  # nominal, as br0's
         scores: list[float] = (fill - beta * (np.maximum(d - margins, 0.0) @ w)).tolist()
